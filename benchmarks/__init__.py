@@ -1,0 +1,1 @@
+"""Benchmarks of fmaml (see benchmarks/README.md); run as ``python -m benchmarks.<name>``."""

@@ -1,0 +1,163 @@
+"""Peak memory and time of one benchmark configuration, each in a fresh process.
+
+Why a fresh process, and why the environment variable (see ``../shared/NOTES.md``, "Measuring peak
+memory on the CPU"): glibc raises its mmap threshold after large blocks are freed, so later
+tensors come from the heap and the resident set stays high after they die. A process started with
+``MALLOC_MMAP_THRESHOLD_=65536`` keeps the threshold fixed, so freed tensors go back to the system
+and the high-water mark measures live memory. One configuration per process keeps runs from
+inheriting each other's heap.
+
+Protocol. The parent calls :func:`measure` ``(module, config)``, which runs
+``python -m benchmarks.<module> --child '<config as JSON>'``. That module's ``main`` hands the
+config to :func:`child` with a ``setup(config) -> run`` function. :func:`child`:
+
+1. calls ``setup`` (build data and models) and ``run()`` ``config["warmup"]`` times (default 1);
+2. resets the high-water mark (``/proc/self/clear_refs`` <- ``5``) and takes ``VmRSS`` as the
+   baseline (on CUDA: ``torch.cuda.reset_peak_memory_stats()`` and ``memory_allocated()``);
+3. calls ``run()`` ``config["repeats"]`` times (default 1), timing each;
+4. reads ``VmHWM`` (CUDA: ``max_memory_allocated()``) and prints one result line, which
+   :func:`measure` parses: ``peak_bytes`` (above the baseline), ``seconds`` (median),
+   ``baseline_bytes``, and whatever the optional ``report(output)`` returns.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ROOT", "child", "machine", "measure"]
+
+ROOT = Path(__file__).resolve().parent.parent
+_MARK = "BENCHMARK-RESULT "
+_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure(
+    module: str,
+    config: dict[str, Any],
+    *,
+    memory: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run ``config`` of ``benchmarks.<module>`` in a fresh process; return its result.
+
+    Args:
+        module: the benchmark module's name inside ``benchmarks`` (e.g. ``"scan_memory"``); its
+            ``main`` must pass ``--child JSON`` on to :func:`child`.
+        config: a JSON-serialisable dict, given to the module's ``setup``. :func:`child` reads
+            ``warmup`` (default 1), ``repeats`` (default 1), ``threads`` (default: torch's) and
+            ``device`` (default ``"cpu"``).
+        memory: start the child with ``MALLOC_MMAP_THRESHOLD_=65536`` so that its CPU peak is
+            meaningful. The fixed threshold makes every large allocation an ``mmap`` and costs
+            time (measured here: a checkpointed scan ran up to 1.5 to 2 times slower), so pass
+            ``memory=False`` for a run whose time you report; its ``peak_bytes`` then overstates.
+        timeout: seconds before the child is killed (None: no limit).
+
+    Returns:
+        ``{"peak_bytes", "seconds", "times", "baseline_bytes", "memory", ...}`` plus the fields
+        returned by the child's ``report``.
+    """
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--child", json.dumps(config)]
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if memory:
+        env.update(_ENV)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"measure: benchmarks.{module} failed on {config} (exit status {proc.returncode}).\n"
+            f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len(_MARK) :])
+
+
+def child(
+    config: dict[str, Any],
+    setup: Callable[[dict[str, Any]], Callable[[], Any]],
+    report: Callable[[Any], dict[str, Any]] | None = None,
+) -> None:
+    """The child side of :func:`measure`: set up, warm up, measure, print the result line."""
+    import torch
+
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    cuda = str(config.get("device", "cpu")).startswith("cuda")
+    run = setup(config)
+    output = None
+    for _ in range(int(config.get("warmup", 1))):
+        output = run()
+    del output
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        _reset_peak()
+        baseline = _status_bytes("VmRSS")
+    times = []
+    for _ in range(int(config.get("repeats", 1))):
+        start = time.perf_counter()
+        output = run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+    result = {
+        "peak_bytes": peak - baseline,
+        "seconds": statistics.median(times),
+        "times": times,
+        "baseline_bytes": baseline,
+        "memory": os.environ.get("MALLOC_MMAP_THRESHOLD_") == _ENV["MALLOC_MMAP_THRESHOLD_"],
+    }
+    if report is not None:
+        result.update(report(output))
+    print(_MARK + json.dumps(result), flush=True)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"benchmarks._memory: no {field} in /proc/self/status")
+
+
+def machine() -> str:
+    """One line describing the machine and software the numbers come from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        mem = f", {mem_kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        mem = ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )

@@ -1,0 +1,32 @@
+"""fmaml: memory-efficient, exact MAML on ``torch.func``.
+
+The heart is :func:`scan`, ``jax.lax.scan`` with checkpointed gradients (optimal binomial
+schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and plain autograd.
+"""
+
+from fmaml._functional import params
+from fmaml._maml import MAML
+from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
+from fmaml._scan import ScanStats, record_scan, scan
+from fmaml._schedule import Plan, binomial_cost, binomial_plan, uniform_plan
+from fmaml._typing import Tasks
+
+__all__ = [
+    "Auto",
+    "Binomial",
+    "MAML",
+    "Plan",
+    "Policy",
+    "ScanStats",
+    "StoreAll",
+    "Tasks",
+    "Uniform",
+    "binomial_cost",
+    "binomial_plan",
+    "params",
+    "record_scan",
+    "scan",
+    "uniform_plan",
+]
+
+__version__ = "0.1.0.dev0"

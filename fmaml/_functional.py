@@ -1,0 +1,98 @@
+"""Modules as pure functions of their parameters: ``fmaml.params`` and the buffer convention.
+
+Buffers are an *input*, never a mutation. BatchNorm's running statistics are passed to
+``torch.func.functional_call`` as ``None``, so BatchNorm normalises with the statistics of the
+batch it sees (in the inner loop and on the query, in train and eval mode alike, as in the MAML
+reference implementation) and the module's own buffers are never touched, however often the scan
+recomputes a step. Every other buffer is passed as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmaml._typing import Params
+
+__all__ = ["batch_norm_in_plain_ops", "inner_buffers", "params"]
+
+
+def params(model: nn.Module) -> Params:
+    """The parameters of ``model`` as a dict of detached copies, in ``named_parameters`` order.
+
+    These are plain tensors: differentiate with ``torch.func.grad`` with respect to them. For the
+    ``loss.backward()`` route pass ``dict(model.named_parameters())`` instead.
+
+    Example:
+        >>> p = fmaml.params(torch.nn.Linear(2, 1))
+        >>> list(p), p["weight"].requires_grad
+        (['weight', 'bias'], False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"fmaml.params: `model` must be a torch.nn.Module, got {type(model).__name__}."
+        )
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def inner_buffers(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The buffers to hand to ``functional_call``: BatchNorm running statistics become ``None``."""
+    running = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            running.update(f"{prefix}.{name}" if prefix else name for name in _RUNNING)
+    return {name: (None if name in running else buffer) for name, buffer in model.named_buffers()}
+
+
+def _batch_norm_batch_stats(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    if running_mean is not None or running_var is not None or not training:
+        return _NATIVE_BATCH_NORM(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    dims = [0, *range(2, input.dim())]
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+_NATIVE_BATCH_NORM = F.batch_norm
+
+
+@contextlib.contextmanager
+def batch_norm_in_plain_ops() -> Iterator[None]:
+    """Inside the block, BatchNorm on batch statistics is computed with plain tensor ops.
+
+    Works around a PyTorch bug (seen in 2.13): the second derivative of the native batch norm
+    under ``vmap`` (``grad(vmap(f))`` where ``f`` takes a ``grad`` through BatchNorm, i.e. MAML
+    over a batch of tasks) is silently wrong, off by about 1e-2. The plain-ops formula is exact
+    there. Only calls without running statistics in training mode are affected; others pass
+    through to the native kernel.
+    """
+    previous = F.batch_norm
+    F.batch_norm = _batch_norm_batch_stats
+    try:
+        yield
+    finally:
+        F.batch_norm = previous

@@ -1,0 +1,831 @@
+"""``fmaml.scan``: ``jax.lax.scan`` with checkpointing, as one custom autograd Function.
+
+The forward pass runs the steps without any graph and keeps only the carry snapshots the policy
+asks for. The backward pass replays the policy's plan (``fmaml._schedule``): it restores
+snapshots, recomputes steps without a graph, and pulls the cotangent back through one step at a
+time with ``torch.func.vjp``, so at most one step's graph is alive.
+
+When a further derivative will be taken of the gradient (``jacrev(grad(...))``,
+``autograd.grad(..., create_graph=True)``), the backward instead differentiates a full
+recomputation from the saved inputs with a graph: exact to any order, with the memory of
+``store_all``. Where no further derivative is expected but the gradient is still recorded (every
+``torch.func.grad`` records), the gradient carries a guard that raises if it is differentiated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._C._functorch import (
+    TransformType,
+    get_interpreter_stack,
+    get_unwrapped,
+    is_functorch_wrapped_tensor,
+)
+from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+from fmaml import _schedule as sch
+from fmaml._policy import Policy, StoreAll, resolve_policy
+from fmaml._rng import RngState, cuda_devices, preserve_rng
+from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
+
+__all__ = ["ScanStats", "record_scan", "scan"]
+
+Leaves = list[Any]
+
+
+# --------------------------------------------------------------------------------------------
+# statistics (for users choosing a policy, and for tests that must be able to fail)
+
+
+@dataclass
+class ScanStats:
+    """What the checkpointed scans run inside :func:`record_scan` did.
+
+    Attributes:
+        forward_evaluations: steps evaluated without a graph in forward passes.
+        recomputations: steps evaluated again without a graph in backward passes.
+        graph_evaluations: steps evaluated with a graph (one per step and backward pass).
+        max_live_snapshots: most carry snapshots held at once (the initial carry counts as one).
+        max_held_bytes: most bytes of carries the scans held beyond their inputs (snapshots and
+            the working carry), physical (vmap batches included).
+        plans: the plans that ran.
+    """
+
+    forward_evaluations: int = 0
+    recomputations: int = 0
+    graph_evaluations: int = 0
+    max_live_snapshots: int = 0
+    max_held_bytes: int = 0
+    plans: list[sch.Plan] = field(default_factory=list)
+
+
+_RECORDERS: list[ScanStats] = []
+
+
+@contextlib.contextmanager
+def record_scan() -> Iterator[ScanStats]:
+    """Count the step evaluations and the snapshot memory of the scans run inside the block.
+
+    Example:
+        >>> with fmaml.record_scan() as stats:  # doctest: +SKIP
+        ...     torch.func.grad(loss)(params)
+        >>> stats.recomputations, stats.max_held_bytes  # doctest: +SKIP
+    """
+    stats = ScanStats()
+    _RECORDERS.append(stats)
+    try:
+        yield stats
+    finally:
+        # by identity: ScanStats compares by value, and nested recorders are often equal
+        del _RECORDERS[next(k for k, s in enumerate(_RECORDERS) if s is stats)]
+
+
+def _count(attr: str, n: int = 1) -> None:
+    for stats in _RECORDERS:
+        setattr(stats, attr, getattr(stats, attr) + n)
+
+
+def _peak(stored: dict[int, Leaves], current: Leaves, inputs: Sequence[torch.Tensor]) -> None:
+    """Record the live snapshot count and the bytes held beyond the inputs (when recording)."""
+    if not _RECORDERS:
+        return
+    skip = {id(t) for t in inputs}
+    live_leaves = (t for leaves in (*stored.values(), current) for t in leaves)
+    unique = {id(t): t for t in live_leaves if id(t) not in skip}
+    held_bytes = sum(_nbytes(t) for t in unique.values())
+    live = len(stored)
+    for stats in _RECORDERS:
+        stats.max_live_snapshots = max(stats.max_live_snapshots, live)
+        stats.max_held_bytes = max(stats.max_held_bytes, held_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# nesting: a checkpointed scan inside the step of another scan's backward pass
+
+_NESTING = threading.local()
+
+
+@contextlib.contextmanager
+def _pulling_back() -> Iterator[None]:
+    """Mark the block as a scan's ``torch.func.vjp`` of its steps.
+
+    PyTorch 2.x cannot run a custom Function that calls ``torch.func.vjp`` in its backward when
+    that backward is itself reached from ``torch.func.vjp`` inside another custom Function's
+    backward under ``torch.func.grad`` (an internal assert, "escaped?"). A scan nested in the step
+    of a checkpointed scan therefore runs as a plain loop (``store_all``) while the outer scan pulls
+    back through that step: exact, with the inner graph alive for that one outer step only.
+    """
+    _NESTING.depth = getattr(_NESTING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _NESTING.depth -= 1
+
+
+def _nested() -> bool:
+    return getattr(_NESTING, "depth", 0) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# tensors seen through torch.func wrappers
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def _tracked(t: Any) -> bool:
+    """Whether any autograd level (a ``torch.func`` transform or plain autograd) tracks ``t``."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    while True:
+        if t.requires_grad:
+            return True
+        if not is_functorch_wrapped_tensor(t):
+            return False
+        t = get_unwrapped(t)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    base = _base(t)
+    return base.numel() * base.element_size()
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+# --------------------------------------------------------------------------------------------
+# the call: f and its arguments, validated once
+
+
+@dataclass(frozen=True)
+class _Call:
+    f: Callable[..., Any]
+    length: int
+    init_spec: Spec
+    init_paths: list[str]
+    xs_spec: Spec | None
+    consts_spec: Spec | None
+    n_init: int
+    n_xs: int
+    n_consts: int
+
+    def step(self, index: int, carry: Leaves, xs_t: Leaves, consts: Leaves) -> tuple[Leaves, Any]:
+        """One step on leaves; returns the new carry leaves and the raw ``y`` pytree."""
+        carry_tree = unflatten(self.init_spec, carry)
+        x = unflatten(self.xs_spec, xs_t) if self.xs_spec is not None else None
+        if self.consts_spec is None:
+            out = self.f(carry_tree, x)
+        else:
+            out = self.f(carry_tree, x, unflatten(self.consts_spec, consts))
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(
+                f"fmaml.scan: `f` must return a pair (carry, y), got {type(out).__name__}"
+                f"{f' of length {len(out)}' if isinstance(out, tuple) else ''} at step {index}. "
+                "Return `(new_carry, None)` if the step has no per-step output."
+            )
+        new_carry, y = out
+        leaves, spec = flatten(new_carry)
+        if spec != self.init_spec:
+            raise TypeError(
+                f"fmaml.scan: `f` returned a carry with structure {spec} at step {index}, but "
+                f"`init` has structure {self.init_spec}. The carry must keep its structure."
+            )
+        return leaves, y
+
+    def check_carry(self, init: Leaves, new: Leaves) -> None:
+        for path, a, b in zip(self.init_paths, init, new, strict=True):
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(
+                    f"fmaml.scan: `f` returned a non-tensor carry leaf {path} = "
+                    f"{describe_leaf(b)}; every carry leaf must be a tensor (use None for an "
+                    "empty slot)."
+                )
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                raise TypeError(
+                    f"fmaml.scan: the carry component {path} has type {describe_leaf(a)} on "
+                    f"{a.device} in `init` but `f` returned {describe_leaf(b)} on {b.device}. "
+                    "The carry must keep its shapes, dtypes and devices: cast inside `f`."
+                )
+
+    def x_at(self, xs: Leaves, i: int) -> Leaves:
+        return [leaf[i] for leaf in xs]
+
+    def call_step(self, i: int, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Leaves, Leaves]:
+        """A step on leaves that also flattens ``y``."""
+        new, y = self.step(i, carry, self.x_at(xs, i), consts)
+        return new, flatten(y)[0]
+
+
+def _check_leaves(tree: Any, name: str) -> tuple[Leaves, Spec]:
+    leaves, spec = flatten(tree)
+    for path, leaf in zip(leaf_paths(tree, name), leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"fmaml.scan: every leaf of `{name}` must be a tensor, but {path} is "
+                f"{describe_leaf(leaf)}. Convert it with torch.as_tensor, or close over it in `f` "
+                "if it is a constant."
+            )
+    return leaves, spec
+
+
+def _build_call(
+    f: Callable[..., Any], init: Any, xs: Any, length: int | None, consts: Any
+) -> tuple[_Call, Leaves, Leaves, Leaves]:
+    if not callable(f):
+        raise TypeError(f"fmaml.scan: `f` must be callable, got {type(f).__name__}.")
+    init_leaves, init_spec = _check_leaves(init, "init")
+    xs_leaves, xs_spec = ([], None) if xs is None else _check_leaves(xs, "xs")
+    consts_leaves, consts_spec = ([], None) if consts is None else _check_leaves(consts, "consts")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
+        raise TypeError(f"fmaml.scan: `length` must be an int or None, got {length!r}.")
+    if length is not None and length < 0:
+        raise ValueError(f"fmaml.scan: `length` must be >= 0, got {length}.")
+    if xs_spec is not None:
+        paths = leaf_paths(xs, "xs")
+        for path, leaf in zip(paths, xs_leaves, strict=True):
+            if leaf.dim() == 0:
+                raise ValueError(
+                    f"fmaml.scan: {path} is a 0-d tensor; `xs` leaves are sliced along their first "
+                    "dimension, so each needs a leading dimension of size `length`."
+                )
+        sizes = {path: leaf.shape[0] for path, leaf in zip(paths, xs_leaves, strict=True)}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{p}: {n}" for p, n in sizes.items())
+            raise ValueError(
+                f"fmaml.scan: the leaves of `xs` must share their leading size, got {listed}."
+            )
+        if sizes:
+            leading = next(iter(sizes.values()))
+            if length is not None and length != leading:
+                raise ValueError(
+                    f"fmaml.scan: `length`={length} disagrees with the leading size {leading} of "
+                    "the leaves of `xs`. Drop `length` or slice `xs`."
+                )
+            length = leading
+    if length is None:
+        raise ValueError(
+            "fmaml.scan: `length` is required when `xs` is None (or has no leaves): pass "
+            "length=number_of_steps."
+        )
+    call = _Call(
+        f=f,
+        length=length,
+        init_spec=init_spec,
+        init_paths=leaf_paths(init, "carry"),
+        xs_spec=xs_spec,
+        consts_spec=consts_spec,
+        n_init=len(init_leaves),
+        n_xs=len(xs_leaves),
+        n_consts=len(consts_leaves),
+    )
+    return call, init_leaves, xs_leaves, consts_leaves
+
+
+# --------------------------------------------------------------------------------------------
+# the public function
+
+
+def scan(
+    f: Callable[..., tuple[Any, Any]],
+    init: Any,
+    xs: Any = None,
+    *,
+    length: int | None = None,
+    checkpoint: str | Policy = "auto",
+    consts: Any = None,
+) -> tuple[Any, Any]:
+    """Scan ``f`` over the leading axis of ``xs``, carrying state, with checkpointed gradients.
+
+    As ``jax.lax.scan``: ``(c -> a -> (c, b)) -> c -> [a] -> (c, [b])``, defined by::
+
+        def scan(f, init, xs, length=None):
+            carry, ys = init, []
+            for i in range(length):
+                x = tree_map(lambda leaf: leaf[i], xs) if xs is not None else None
+                carry, y = f(carry, x)
+                ys.append(y)
+            return carry, tree_map(lambda *leaves: torch.stack(leaves), *ys)
+
+    New here: ``checkpoint`` picks how the backward pass trades memory for recomputation, and
+    ``consts`` passes differentiable constants of the step explicitly.
+
+    Args:
+        f: the step, ``f(carry, x) -> (carry, y)``, or ``f(carry, x, consts)`` when ``consts`` is
+            given. ``carry``, ``x`` and ``y`` are pytrees of tensors (optree; ``None`` is an empty
+            subtree). The returned carry must match ``init`` in structure, shapes, dtypes and
+            devices. ``f`` must be a pure function of its arguments: a tensor it closes over that
+            is being differentiated raises (pass it in ``consts`` or the carry instead).
+        init: the initial carry, a pytree of tensors (integer leaves are carried, not
+            differentiated).
+        xs: a pytree of tensors of shape ``(length, ...)`` sliced along dimension 0, or ``None``.
+        length: the number of steps; required when ``xs`` is ``None``.
+        checkpoint: ``"auto"`` (default), ``"store_all"``, ``"sqrt"``, ``"binomial"`` or a policy
+            object (:class:`fmaml.Auto`, :class:`fmaml.StoreAll`, :class:`fmaml.Uniform`,
+            :class:`fmaml.Binomial`).
+        consts: differentiable constants of the step (a learning rate, per-parameter rates), a
+            pytree of tensors passed to ``f`` unchanged at every step; their gradient is exact.
+
+    Returns:
+        ``(carry, ys)``: the final carry and the per-step outputs stacked along a new dimension 0
+        (shape ``(length, ...)``).
+
+    Example:
+        >>> w = torch.tensor(0.5, requires_grad=True)
+        >>> carry, ys = fmaml.scan(lambda c, x: (c * x, c), w, torch.arange(1.0, 4.0))
+        >>> carry, ys
+        (tensor(3., grad_fn=...), tensor([0.5000, 0.5000, 1.0000], grad_fn=...))
+
+    With ``length`` 0, ``f`` is evaluated once without a graph (on zeros of the ``xs`` slice
+    shapes) to learn the structure of ``ys``, which come back with a leading size 0; the carry is
+    ``init`` itself. Forward-mode AD (``jvp``, ``jacfwd``) needs ``checkpoint="store_all"``.
+
+    References: Griewank and Walther (2000), Algorithm 799: revolve.
+    """
+    policy = resolve_policy(checkpoint)
+    call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts)
+    if call.length == 0:
+        return _empty_scan(call, init, init_leaves, xs_leaves, consts_leaves)
+    if isinstance(policy, StoreAll) or _nested():
+        return _store_all(call, init_leaves, xs_leaves, consts_leaves)
+    return _checkpointed(call, policy, init_leaves, xs_leaves, consts_leaves)
+
+
+def _stack_ys(call: _Call, ys: list[Leaves], spec: Spec) -> Any:
+    if not ys or not ys[0]:
+        return unflatten(spec, [])
+    return unflatten(spec, [torch.stack(column) for column in zip(*ys, strict=True)])
+
+
+def _y_spec(y: Any, index: int, expected: Spec | None) -> tuple[Leaves, Spec]:
+    leaves, spec = flatten(y)
+    if expected is not None and spec != expected:
+        raise TypeError(
+            f"fmaml.scan: `f` returned y with structure {spec} at step {index}, but {expected} "
+            "at step 0. Every step must return the same structure."
+        )
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"fmaml.scan: every leaf of `y` must be a tensor, got {describe_leaf(leaf)} at "
+                f"step {index}."
+            )
+    return leaves, spec
+
+
+def _empty_scan(call: _Call, init: Any, init_leaves: Leaves, xs: Leaves, consts: Leaves) -> Any:
+    with torch.no_grad():
+        x0 = [leaf.new_zeros(leaf.shape[1:]) for leaf in xs]
+        new, y = call.step(0, [t.detach() for t in init_leaves], x0, consts)
+        call.check_carry(init_leaves, new)
+        leaves, spec = _y_spec(y, 0, None)
+    return init, unflatten(spec, [leaf.new_empty((0, *leaf.shape)) for leaf in leaves])
+
+
+def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
+    ys: list[Leaves] = []
+    spec = None
+    for i in range(call.length):
+        new, y = call.step(i, carry, call.x_at(xs, i), consts)
+        if i == 0:
+            call.check_carry(carry, new)
+        leaves, spec = _y_spec(y, i, spec)
+        carry = new
+        ys.append(leaves)
+    _count("forward_evaluations", call.length)
+    _count("graph_evaluations", call.length)
+    return unflatten(call.init_spec, carry), _stack_ys(call, ys, spec)
+
+
+def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
+    if any(_tracked(t) for t in (*c1, *y0)):
+        raise ValueError(
+            "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
+            "or an enclosing torch.func transform tracks it): its gradient through a checkpointed "
+            "scan would be lost. Pass it explicitly, as `consts=` (f(carry, x, consts)) or as part "
+            "of the carry, or use checkpoint='store_all'."
+        )
+
+
+def _checkpointed(
+    call: _Call, policy: Policy, init: Leaves, xs: Leaves, consts: Leaves
+) -> tuple[Any, Any]:
+    devices = cuda_devices([*init, *xs, *consts])
+    rng0 = RngState.capture(devices)
+    # Step 0 runs here, at the caller's level, on untracked aliases of the inputs: it validates
+    # the carry, learns the structure of y, and detects closed-over tensors that a transform or
+    # autograd tracks (its output would then be tracked). The Function reuses its result.
+    with torch.no_grad():
+        u_init = [t.detach() for t in init]
+        u_x0 = [t[0].detach() for t in xs]
+        u_consts = [t.detach() for t in consts]
+    c1, y0_tree = call.step(0, u_init, u_x0, u_consts)
+    call.check_carry(init, c1)
+    y0, y_spec = _y_spec(y0_tree, 0, None)
+    _check_no_closure(c1, y0)
+    _count("forward_evaluations")
+    plan = policy.plan(call.length, sum(_nbytes(t) for t in c1))  # c1: vmap batches included
+    static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, devices)
+    out = _ScanFunction.apply(static, *init, *xs, *consts, *c1, *y0)
+    carry = unflatten(call.init_spec, out[: call.n_init])
+    ys = unflatten(y_spec, out[call.n_init : call.n_init + len(y0)])
+    return carry, ys
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd Function
+
+
+@dataclass
+class _Static:
+    """Everything the Function needs that is not a tensor, shared by forward and backward."""
+
+    call: _Call
+    plan: sch.Plan
+    y_spec: Spec
+    y_float: list[bool]
+    rng0: RngState
+    devices: tuple[int, ...]
+    # filled by forward: where each stored carry leaf lives ("in", i) or ("out", i)
+    refs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    rng: dict[int, RngState] = field(default_factory=dict)
+
+    @property
+    def n_y(self) -> int:
+        return len(self.y_float)
+
+    @property
+    def n_in(self) -> int:
+        c = self.call
+        return c.n_init + c.n_xs + c.n_consts
+
+    def split(self, flat: Sequence[Any]) -> tuple[Leaves, Leaves, Leaves]:
+        c = self.call
+        a, b = c.n_init, c.n_init + c.n_xs
+        return list(flat[:a]), list(flat[a:b]), list(flat[b : self.n_in])
+
+
+class _ScanFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(static: _Static, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        call, plan = static.call, static.plan
+        init, xs, consts = static.split(flat)
+        c1 = list(flat[static.n_in : static.n_in + call.n_init])
+        ys: list[Leaves] = [list(flat[static.n_in + call.n_init :])]
+        stored: dict[int, Leaves] = {}
+        static.rng = {0: static.rng0}
+        current, index = init, 0
+        for action in plan.forward:
+            if isinstance(action, sch.Snapshot):
+                stored[action.index] = current
+                if action.index:
+                    static.rng[action.index] = RngState.capture(static.devices)
+            elif isinstance(action, sch.Advance):
+                for i in range(action.start, action.stop):
+                    if i == 0:
+                        current = c1
+                    else:
+                        current, y = call.call_step(i, current, xs, consts)
+                        ys.append(y)
+                _count("forward_evaluations", action.stop - max(action.start, 1))
+                index = action.stop
+            else:  # pragma: no cover - the planner guarantees it
+                raise AssertionError(f"unexpected forward action {action}")
+        last = call.length - 1
+        assert index == last, (index, last)
+        static.rng[last] = RngState.capture(static.devices)
+        stored[last] = current
+        if last == 0:
+            final = c1
+        else:
+            final, y = call.call_step(last, current, xs, consts)
+            ys.append(y)
+            _count("forward_evaluations")
+        outputs = [*final, *(torch.stack(col) for col in zip(*ys, strict=True))]
+        # A carry leaf that `f` passes through unchanged (a learning rate riding in the carry) is
+        # an input; autograd refuses to save an input returned as-is, so return a view of it.
+        inputs = {id(t) for t in flat}
+        outputs = [t.view_as(t) if id(t) in inputs else t for t in outputs]
+        return tuple(outputs + _store_refs(static, flat, outputs, stored))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        static: _Static = inputs[0]
+        flat, output = inputs[1:], tuple(output)
+        ins = sorted({i for refs in static.refs.values() for kind, i in refs if kind == "in"})
+        ins = sorted(set(range(static.n_in)) | set(ins))
+        outs = sorted({i for refs in static.refs.values() for kind, i in refs if kind == "out"})
+        ctx.static = static
+        ctx.slots = {("in", i): k for k, i in enumerate(ins)}
+        ctx.slots.update({("out", i): len(ins) + k for k, i in enumerate(outs)})
+        ctx.save_for_backward(*(flat[i] for i in ins), *(output[i] for i in outs))
+        n_main = static.call.n_init + static.n_y
+        extra = output[n_main:]
+        ints = [t for t in output[:n_main] if not _differentiable(t)]
+        if extra or ints:
+            ctx.mark_non_differentiable(*extra, *ints)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        static: _Static = ctx.static
+        call = static.call
+        saved = ctx.saved_tensors
+        init = [saved[ctx.slots["in", i]] for i in range(call.n_init)]
+        _, xs, consts = static.split([saved[ctx.slots["in", i]] for i in range(static.n_in)])
+        ct_carry = list(grads[: call.n_init])
+        ct_ys = list(grads[call.n_init : call.n_init + static.n_y])
+        needs = list(ctx.needs_input_grad[1 : 1 + static.n_in])
+        _, need_xs, need_consts = static.split(needs)
+        args = _Backward(static, init, xs, consts, need_xs, need_consts, ct_carry, ct_ys)
+        present = [g for g in grads if g is not None]
+        if _needs_graph([*saved, *present]):
+            g_init, g_xs, g_consts = args.exact()
+        else:
+            stored = {
+                index: [saved[ctx.slots[ref]] for ref in refs]
+                for index, refs in static.refs.items()
+            }
+            with torch.no_grad():
+                g_init, g_xs, g_consts = args.checkpointed(stored)
+            # Anything the current level tracks: a constant cotangent (the gradient of a sum)
+            # does not, but the inputs being differentiated always do.
+            anchors = [t for t in (*present, *saved) if _tracked(t)]
+            if anchors and torch.is_grad_enabled():
+                guard = _guard(anchors[0])
+                g_init, g_xs, g_consts = (guard(g) for g in (g_init, g_xs, g_consts))
+        n_rest = call.n_init + static.n_y
+        return (None, *g_init, *g_xs, *g_consts, *([None] * n_rest))
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise NotImplementedError(
+            "fmaml.scan: forward-mode AD (torch.func.jvp, jacfwd) is not supported through a "
+            "checkpointed scan. Use checkpoint='store_all' (a plain unrolled loop) for forward "
+            "mode."
+        )
+
+
+def _store_refs(
+    static: _Static, flat: Sequence[torch.Tensor], outputs: list[torch.Tensor], stored: dict
+) -> list[torch.Tensor]:
+    """Record where each stored carry leaf lives; return the extra outputs that hold them.
+
+    A stored leaf that *is* an input (a carry leaf ``f`` passes through unchanged) or an output is
+    referenced, not returned again: autograd refuses to save an input returned as an output.
+    """
+    where: dict[int, tuple[str, int]] = {id(t): ("in", i) for i, t in enumerate(flat)}
+    where.update({id(t): ("out", i) for i, t in enumerate(outputs) if id(t) not in where})
+    extra: list[torch.Tensor] = []
+    static.refs = {}
+    for index, leaves in stored.items():
+        refs = []
+        for leaf in leaves:
+            if id(leaf) not in where:
+                where[id(leaf)] = ("out", len(outputs) + len(extra))
+                extra.append(leaf)
+            refs.append(where[id(leaf)])
+        static.refs[index] = refs
+    _peak(stored, [], flat)
+    for stats in _RECORDERS:
+        stats.plans.append(static.plan)
+    return extra
+
+
+def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a derivative of the gradient being computed may be taken.
+
+    Under plain autograd that is ``create_graph=True`` (grad mode on inside backward). Under
+    ``torch.func`` the innermost Grad level is the one asking; a second Grad/Jvp level above it, or
+    plain autograd tracking the inputs underneath, will differentiate the result again.
+    """
+    stack = get_interpreter_stack()
+    levels = [
+        coerce_cinterpreter(i)
+        for i in stack or ()
+        if i.key() in (TransformType.Grad, TransformType.Jvp)
+    ]
+    if not levels:
+        return torch.is_grad_enabled()
+    # A level outside the innermost records only if grad mode was on when the next level was
+    # entered (a scan's own backward enters its vjp levels under no_grad: nested scans stay cheap).
+    recording = [getattr(i, "prev_grad_mode", lambda: True)() for i in levels]
+    if any(recording[1:]):
+        return True
+    return recording[0] and any(_base(t).requires_grad for t in tensors)
+
+
+class _NoGraph(torch.autograd.Function):
+    """Identity whose derivative raises: marks a gradient computed without a graph."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(value: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        raise RuntimeError(
+            "fmaml.scan: a gradient computed through a checkpointed scan without a graph is being "
+            "differentiated again at the same level (torch.autograd.grad(..., create_graph=True) "
+            "inside torch.func.grad?). Nest torch.func transforms instead (jacrev(grad(f))), "
+            "differentiate with plain autograd and create_graph=True outside torch.func, or use "
+            "checkpoint='store_all'."
+        )
+
+
+def _guard(anchor: torch.Tensor) -> Callable[[Leaves], Leaves]:
+    def apply(grads: Leaves) -> Leaves:
+        return [None if g is None else _NoGraph.apply(g, anchor) for g in grads]
+
+    return apply
+
+
+# --------------------------------------------------------------------------------------------
+# the two backward strategies
+
+
+@dataclass
+class _Backward:
+    static: _Static
+    init: Leaves
+    xs: Leaves
+    consts: Leaves
+    need_xs: list[bool]
+    need_consts: list[bool]
+    ct_carry: list[torch.Tensor | None]
+    ct_ys: list[torch.Tensor | None]
+
+    def _step_fn(self, index: int, carry: Leaves, x: Leaves, consts: Leaves) -> Callable:
+        """The step as a function of its differentiable pieces, for ``torch.func.vjp``."""
+        call = self.static.call
+        dc = [j for j, t in enumerate(carry) if _differentiable(t)]
+        dx = [j for j, need in enumerate(self.need_xs) if need]
+        dk = [j for j, need in enumerate(self.need_consts) if need]
+
+        def fn(c: Leaves, xd: Leaves, kd: Leaves) -> tuple[Leaves, Leaves]:
+            full_c, full_x, full_k = list(carry), list(x), list(consts)
+            for j, t in zip(dc, c, strict=True):
+                full_c[j] = t
+            for j, t in zip(dx, xd, strict=True):
+                full_x[j] = t
+            for j, t in zip(dk, kd, strict=True):
+                full_k[j] = t
+            new, y = call.step(index, full_c, full_x, full_k)
+            ys = flatten(y)[0]
+            return [new[j] for j in dc], [t for t in ys if _differentiable(t)]
+
+        primals = ([carry[j] for j in dc], [x[j] for j in dx], [consts[j] for j in dk])
+        return fn, primals, dc, dx, dk
+
+    def checkpointed(self, stored: dict[int, Leaves]) -> tuple[Leaves, Leaves, Leaves]:
+        static, call = self.static, self.static.call
+        n = call.length
+        rng = dict(static.rng)
+        current = stored.pop(n - 1)
+        stored[0] = self.init
+        ct_c: list[torch.Tensor | None] = list(self.ct_carry)
+        g_steps: list[Leaves | None] = [None] * n
+        g_consts: list[torch.Tensor | None] = [None] * call.n_consts
+        inputs = [*self.init, *self.xs, *self.consts]
+        with preserve_rng(static.devices):
+            rng[n - 1].restore()
+            for action in static.plan.backward:
+                if isinstance(action, sch.StepBackward):
+                    i = action.index
+                    ct_c, gx, gk = self._pull_back(i, current, ct_c)
+                    g_steps[i] = gx
+                    g_consts = [_add(a, b) for a, b in zip(g_consts, gk, strict=True)]
+                    _count("graph_evaluations")
+                elif isinstance(action, sch.Advance):
+                    for i in range(action.start, action.stop):
+                        current, _ = call.call_step(i, current, self.xs, self.consts)
+                    _count("recomputations", action.stop - action.start)
+                elif isinstance(action, sch.Restore):
+                    current = stored[action.index]
+                    rng[action.index].restore()
+                elif isinstance(action, sch.Snapshot):
+                    stored[action.index] = current
+                    rng[action.index] = RngState.capture(static.devices)
+                    _peak(stored, current, inputs)
+                elif isinstance(action, sch.Free):
+                    del stored[action.index]
+        g_init = [
+            None if not _differentiable(t) else _zero_if_none(g, t)
+            for t, g in zip(self.init, ct_c, strict=True)
+        ]
+        return g_init, self._stack_xs(g_steps), g_consts
+
+    def _pull_back(
+        self, i: int, carry: Leaves, ct_c: list[torch.Tensor | None]
+    ) -> tuple[list, Leaves, Leaves]:
+        call = self.static.call
+        x = call.x_at(self.xs, i)
+        fn, primals, dc, dx, dk = self._step_fn(i, carry, x, self.consts)
+        with _pulling_back():
+            (out_c, out_y), vjp_fn = torch.func.vjp(fn, *primals)
+        ct_c_d = [_zero_if_none(ct_c[j], o) for j, o in zip(dc, out_c, strict=True)]
+        ys_d = [g for g, f in zip(self.ct_ys, self.static.y_float, strict=True) if f]
+        ct_y = [
+            _zero_if_none(None if g is None else g[i], o) for g, o in zip(ys_d, out_y, strict=True)
+        ]
+        with _pulling_back():
+            g_c, g_x, g_k = vjp_fn((ct_c_d, ct_y))
+        new_ct: list[torch.Tensor | None] = [None] * call.n_init
+        for j, g in zip(dc, g_c, strict=True):
+            new_ct[j] = g
+        gx: Leaves = [None] * call.n_xs
+        for j, g in zip(dx, g_x, strict=True):
+            gx[j] = g
+        gk: Leaves = [None] * call.n_consts
+        for j, g in zip(dk, g_k, strict=True):
+            gk[j] = g
+        return new_ct, gx, gk
+
+    def _stack_xs(self, g_steps: list[Leaves | None]) -> Leaves:
+        out: Leaves = []
+        for j, (leaf, need) in enumerate(zip(self.xs, self.need_xs, strict=True)):
+            if not need:
+                out.append(None)
+                continue
+            rows = [_zero_if_none(None if g is None else g[j], leaf[0]) for g in g_steps]
+            out.append(torch.stack(rows))
+        return out
+
+    def exact(self) -> tuple[Leaves, Leaves, Leaves]:
+        """Differentiate a full recomputation with a graph: exact to any order."""
+        static, call = self.static, self.static.call
+        dc = [j for j, t in enumerate(self.init) if _differentiable(t)]
+        dx = [j for j, need in enumerate(self.need_xs) if need]
+        dk = [j for j, need in enumerate(self.need_consts) if need]
+
+        def unroll(c: Leaves, xd: Leaves, kd: Leaves) -> tuple[Leaves, Leaves]:
+            carry, xs, consts = list(self.init), list(self.xs), list(self.consts)
+            for j, t in zip(dc, c, strict=True):
+                carry[j] = t
+            for j, t in zip(dx, xd, strict=True):
+                xs[j] = t
+            for j, t in zip(dk, kd, strict=True):
+                consts[j] = t
+            ys = []
+            for i in range(call.length):
+                carry, y = call.call_step(i, carry, xs, consts)
+                ys.append(y)
+            _count("graph_evaluations", call.length)
+            stacked = [torch.stack(col) for col in zip(*ys, strict=True)]
+            return [carry[j] for j in dc], [t for t in stacked if _differentiable(t)]
+
+        primals = (
+            [self.init[j] for j in dc],
+            [self.xs[j] for j in dx],
+            [self.consts[j] for j in dk],
+        )
+        with preserve_rng(static.devices), torch.enable_grad():
+            static.rng0.restore()
+            with _pulling_back():
+                (out_c, out_y), vjp_fn = torch.func.vjp(unroll, *primals)
+        ct_c = [_zero_if_none(self.ct_carry[j], o) for j, o in zip(dc, out_c, strict=True)]
+        ys_d = [g for g, f in zip(self.ct_ys, static.y_float, strict=True) if f]
+        ct_y = [_zero_if_none(g, o) for g, o in zip(ys_d, out_y, strict=True)]
+        with _pulling_back():
+            g_c, g_x, g_k = vjp_fn((ct_c, ct_y))
+        return (
+            _scatter(g_c, dc, call.n_init),
+            _scatter(g_x, dx, call.n_xs),
+            _scatter(g_k, dk, call.n_consts),
+        )
+
+
+def _scatter(values: Sequence[Any], where: list[int], n: int) -> Leaves:
+    out: Leaves = [None] * n
+    for j, v in zip(where, values, strict=True):
+        out[j] = v
+    return out
+
+
+def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b

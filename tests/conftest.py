@@ -1,0 +1,98 @@
+"""Shared test setup for the ``fmaml.scan`` tests: hypothesis profile, policies, reference loop.
+
+Numerical tests build their tensors in float64 explicitly (the global default dtype is left alone)
+and compare against :func:`reference_scan`, the seven-line loop that defines ``fmaml.scan``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import fmaml
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=200, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+F64 = torch.float64
+
+#: Every implementation that ``fmaml.scan`` can run; one test body runs over all of them.
+POLICIES: list[Any] = [
+    fmaml.StoreAll(),
+    "sqrt",
+    fmaml.Uniform(1),
+    fmaml.Uniform(3),
+    "binomial",
+    fmaml.Binomial(1),
+    fmaml.Binomial(2),
+    fmaml.Binomial(5),
+    "auto",
+    fmaml.Auto(max_snapshots=2),
+    fmaml.Auto(max_bytes=1),
+]
+
+#: The policies that checkpoint (everything but store_all).
+CHECKPOINTED: list[Any] = POLICIES[1:]
+
+
+def policy_id(policy: Any) -> str:
+    """A short pytest id: ``sqrt``, ``Uniform(3)``, ``Auto(max_bytes=1)``."""
+    if isinstance(policy, str):
+        return policy
+    fields = {k: v for k, v in vars(policy).items() if v is not None}
+    if isinstance(policy, fmaml.Auto):
+        return "Auto(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+    return f"{type(policy).__name__}({', '.join(str(v) for v in fields.values())})"
+
+
+all_policies = pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
+checkpointed_policies = pytest.mark.parametrize("policy", CHECKPOINTED, ids=policy_id)
+
+
+def reference_scan(
+    f: Callable[..., Any], init: Any, xs: Any = None, length: int | None = None, consts: Any = None
+) -> tuple[Any, Any]:
+    """The naive Python loop that defines ``fmaml.scan`` (its docstring, with ``consts``)."""
+    if length is None:
+        length = optree.tree_leaves(xs)[0].shape[0]
+    carry, ys = init, []
+    for i in range(length):
+        x = None if xs is None else optree.tree_map(lambda leaf: leaf[i], xs)
+        carry, y = f(carry, x) if consts is None else f(carry, x, consts)
+        ys.append(y)
+    if not ys:
+        return carry, None
+    return carry, optree.tree_map(lambda *leaves: torch.stack(leaves), *ys)
+
+
+def rand(generator: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    """A float64 normal tensor from ``generator`` (never the global RNG)."""
+    return torch.randn(shape, generator=generator, dtype=F64) * scale
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-12, atol: float = 1e-12) -> None:
+    """Same structure, and every leaf ``torch.testing.assert_close`` (dtypes included)."""
+    a_leaves, a_spec = optree.tree_flatten(actual)
+    e_leaves, e_spec = optree.tree_flatten(expected)
+    assert a_spec == e_spec, f"structure {a_spec} != {e_spec}"
+    for a, e in zip(a_leaves, e_leaves, strict=True):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
