@@ -16,8 +16,12 @@ config to :func:`child` with a ``setup(config) -> run`` function. :func:`child`:
    baseline (on CUDA: ``torch.cuda.reset_peak_memory_stats()`` and ``memory_allocated()``);
 3. calls ``run()`` ``config["repeats"]`` times (default 1), timing each;
 4. reads ``VmHWM`` (CUDA: ``max_memory_allocated()``) and prints one result line, which
-   :func:`measure` parses: ``peak_bytes`` (above the baseline), ``seconds`` (median),
-   ``baseline_bytes``, and whatever the optional ``report(output)`` returns.
+   :func:`measure` parses: ``peak_bytes`` (above the baseline), ``seconds`` (median wall time),
+   ``cpu_seconds`` (median CPU time of the process, all its threads; steadier than wall time on
+   a shared machine), ``baseline_bytes``, and whatever the optional ``report(output)`` returns.
+
+Pass ``memory=False`` to :func:`measure` for runs whose time you report: the fixed mmap
+threshold slows allocation-heavy code down.
 """
 
 from __future__ import annotations
@@ -58,13 +62,14 @@ def measure(
             ``device`` (default ``"cpu"``).
         memory: start the child with ``MALLOC_MMAP_THRESHOLD_=65536`` so that its CPU peak is
             meaningful. The fixed threshold makes every large allocation an ``mmap`` and costs
-            time (measured here: a checkpointed scan ran up to 1.5 to 2 times slower), so pass
-            ``memory=False`` for a run whose time you report; its ``peak_bytes`` then overstates.
+            time (measured here: the 20-step meta-gradient of ``scan_memory`` ran 1.5 to 2 times
+            slower), so pass ``memory=False`` for a run whose time you report; its
+            ``peak_bytes`` then overstates.
         timeout: seconds before the child is killed (None: no limit).
 
     Returns:
-        ``{"peak_bytes", "seconds", "times", "baseline_bytes", "memory", ...}`` plus the fields
-        returned by the child's ``report``.
+        ``{"peak_bytes", "seconds", "times", "cpu_seconds", "baseline_bytes", "memory", ...}``
+        plus the fields returned by the child's ``report``.
     """
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--child", json.dumps(config)]
     env = dict(os.environ)
@@ -107,18 +112,20 @@ def child(
     else:
         _reset_peak()
         baseline = _status_bytes("VmRSS")
-    times = []
+    times, cpu_times = [], []
     for _ in range(int(config.get("repeats", 1))):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         output = run()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
     result = {
         "peak_bytes": peak - baseline,
         "seconds": statistics.median(times),
         "times": times,
+        "cpu_seconds": statistics.median(cpu_times),
         "baseline_bytes": baseline,
         "memory": os.environ.get("MALLOC_MMAP_THRESHOLD_") == _ENV["MALLOC_MMAP_THRESHOLD_"],
     }

@@ -196,7 +196,8 @@ class MAML:
         Args:
             params: the initial parameters.
             support: one task's batch, leaves ``(N, ...)``; with ``batched=True`` a batch of tasks,
-                leaves ``(T, N, ...)`` (then every returned parameter has a leading ``T``); with
+                leaves ``(T, N, ...)`` (then every returned parameter has a leading ``T``; the
+                tasks are batched as ``batching`` and ``task_chunk`` say); with
                 ``per_step=True`` one batch per step, leaves ``(k, N, ...)`` (``(T, k, N, ...)``).
             k: the number of inner steps (>= 0).
             return_history: also return the inner losses, shape ``(k,)`` (or ``(T, k)``).
@@ -214,12 +215,18 @@ class MAML:
         if per_step:
             _check_per_step(leaves, support, k, task_dim, "adapt")
         if batched:
-            _check_leading(support, None, "adapt")
-            fn = vmap(
-                lambda s: self._adapt_one(params, s, k, per_step),
-                randomness=self.randomness,
-            )
-            adapted, history = fn(support)
+            n_tasks = _check_leading(support, None, "adapt")
+            if n_tasks == 0:
+                raise ValueError(
+                    "MAML.adapt: `support` holds no tasks (batched=True, but its leaves have a "
+                    "leading size 0); pass at least one task."
+                )
+            parts = [
+                self._adapt_tasks(params, _slice_tree(support, start, stop), k, per_step)
+                for start, stop in self._chunks(n_tasks)
+            ]
+            adapted = {name: torch.cat([a[name] for a, _ in parts]) for name in parts[0][0]}
+            history = torch.cat([h for _, h in parts])
         else:
             adapted, history = self._adapt_one(params, support, k, per_step)
         if self.check_finite:
@@ -266,10 +273,8 @@ class MAML:
         if self.check_finite:
             _raise_if_not_finite(history_t, None)
         loss = total / n_tasks
-        if self.check_finite and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"MAML: the query loss is {loss.item()} (inner losses finite)."
-            )
+        if self.check_finite:
+            _raise_if_query_not_finite(loss)
         return (loss, history_t) if return_history else loss
 
     def meta_grad(
@@ -294,6 +299,8 @@ class MAML:
             g, value = grad_and_value(chunk_loss)(params)
             total_loss = value if total_loss is None else total_loss + value
             total_grad = g if total_grad is None else {n: total_grad[n] + g[n] for n in g}
+        if self.check_finite:
+            _raise_if_query_not_finite(total_loss)
         return total_loss, total_grad
 
     # ---------------------------------------------------------------------------------------
@@ -314,6 +321,20 @@ class MAML:
             loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
             return loss[None], history[None]
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
+
+    def _adapt_tasks(
+        self, params: Params, support: Batch, k: int, per_step: bool
+    ) -> tuple[Params, torch.Tensor]:
+        """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``batching`` says."""
+        if self.batching == "loop":
+            parts = [
+                self._adapt_one(params, _slice_tree(support, t, None, index=True), k, per_step)
+                for t in range(flatten(support)[0][0].shape[0])
+            ]
+            adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
+            return adapted, torch.stack([h for _, h in parts])
+        fn = vmap(lambda s: self._adapt_one(params, s, k, per_step), randomness=self.randomness)
+        return fn(support)
 
     def _check_k(self, k: object, where: str) -> None:
         if isinstance(k, bool) or not isinstance(k, int):
@@ -355,6 +376,11 @@ class MAML:
         sup = _check_batch(tasks.support, "tasks.support", where, min_dim=3 if per_step else 2)
         _check_batch(tasks.query, "tasks.query", where, min_dim=2)
         n_tasks = _check_leading(tasks.support, tasks.query, where)
+        if n_tasks == 0:
+            raise ValueError(
+                f"MAML.{where}: `tasks` holds no tasks (its leaves have a leading size 0); "
+                "pass at least one task."
+            )
         if per_step:
             _check_per_step(sup, tasks.support, k, 1, where)
         return n_tasks
@@ -405,12 +431,20 @@ def _check_per_step(leaves: list[torch.Tensor], support: Batch, k: int, dim: int
             )
 
 
-def _slice_tasks(tasks: Tasks, start: int, stop: int | None, index: bool = False) -> Tasks:
-    def take(tree: Batch) -> Batch:
-        leaves, spec = flatten(tree)
-        return unflatten(spec, [leaf[start] if index else leaf[start:stop] for leaf in leaves])
+def _slice_tree(tree: Batch, start: int, stop: int | None, index: bool = False) -> Batch:
+    leaves, spec = flatten(tree)
+    return unflatten(spec, [leaf[start] if index else leaf[start:stop] for leaf in leaves])
 
-    return Tasks(take(tasks.support), take(tasks.query))
+
+def _slice_tasks(tasks: Tasks, start: int, stop: int | None, index: bool = False) -> Tasks:
+    return Tasks(
+        _slice_tree(tasks.support, start, stop, index), _slice_tree(tasks.query, start, stop, index)
+    )
+
+
+def _raise_if_query_not_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"MAML: the query loss is {loss.item()} (inner losses finite).")
 
 
 def _raise_if_not_finite(history: torch.Tensor, offset: int | None) -> None:

@@ -91,15 +91,20 @@ def _count(attr: str, n: int = 1) -> None:
         setattr(stats, attr, getattr(stats, attr) + n)
 
 
-def _peak(stored: dict[int, Leaves], current: Leaves, inputs: Sequence[torch.Tensor]) -> None:
-    """Record the live snapshot count and the bytes held beyond the inputs (when recording)."""
+def _peak(
+    stored: dict[int, Leaves], current: Leaves | None, inputs: Sequence[torch.Tensor]
+) -> None:
+    """Record the live carries (the snapshots and the working carry) and the bytes they hold
+    beyond the scan's inputs (when recording)."""
     if not _RECORDERS:
         return
     skip = {id(t) for t in inputs}
-    live_leaves = (t for leaves in (*stored.values(), current) for t in leaves)
-    unique = {id(t): t for t in live_leaves if id(t) not in skip}
+    carries = list(stored.values())
+    if current is not None and all(current is not c for c in carries):
+        carries.append(current)
+    unique = {id(t): t for leaves in carries for t in leaves if id(t) not in skip}
     held_bytes = sum(_nbytes(t) for t in unique.values())
-    live = len(stored)
+    live = len(carries)
     for stats in _RECORDERS:
         stats.max_live_snapshots = max(stats.max_live_snapshots, live)
         stats.max_held_bytes = max(stats.max_held_bytes, held_bytes)
@@ -496,8 +501,8 @@ class _ScanFunction(torch.autograd.Function):
                     if i == 0:
                         current = c1
                     else:
-                        current, y = call.call_step(i, current, xs, consts)
-                        ys.append(y)
+                        current, y = call.step(i, current, call.x_at(xs, i), consts)
+                        ys.append(_y_spec(y, i, static.y_spec)[0])
                 _count("forward_evaluations", action.stop - max(action.start, 1))
                 index = action.stop
             else:  # pragma: no cover - the planner guarantees it
@@ -509,8 +514,8 @@ class _ScanFunction(torch.autograd.Function):
         if last == 0:
             final = c1
         else:
-            final, y = call.call_step(last, current, xs, consts)
-            ys.append(y)
+            final, y = call.step(last, current, call.x_at(xs, last), consts)
+            ys.append(_y_spec(y, last, static.y_spec)[0])
             _count("forward_evaluations")
         outputs = [*final, *(torch.stack(col) for col in zip(*ys, strict=True))]
         # A carry leaf that `f` passes through unchanged (a learning rate riding in the carry) is
@@ -597,7 +602,7 @@ def _store_refs(
                 extra.append(leaf)
             refs.append(where[id(leaf)])
         static.refs[index] = refs
-    _peak(stored, [], flat)
+    _peak(stored, None, flat[: static.n_in])  # c1 is an input of the Function, not of the scan
     for stats in _RECORDERS:
         stats.plans.append(static.plan)
     return extra
@@ -717,6 +722,7 @@ class _Backward:
                     for i in range(action.start, action.stop):
                         current, _ = call.call_step(i, current, self.xs, self.consts)
                     _count("recomputations", action.stop - action.start)
+                    _peak(stored, current, inputs)  # the working carry may be no snapshot
                 elif isinstance(action, sch.Restore):
                     current = stored[action.index]
                     rng[action.index].restore()

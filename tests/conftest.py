@@ -30,6 +30,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 F64 = torch.float64
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # torch's first forward-mode call scripts its jvp decompositions with the deprecated
+    # torch.jit.script: not ours, and not something a test can fix.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+    )
+
+
 #: Every implementation that ``fmaml.scan`` can run; one test body runs over all of them.
 POLICIES: list[Any] = [
     fmaml.StoreAll(),
@@ -71,7 +80,7 @@ def reference_scan(
         length = optree.tree_leaves(xs)[0].shape[0]
     carry, ys = init, []
     for i in range(length):
-        x = None if xs is None else optree.tree_map(lambda leaf: leaf[i], xs)
+        x = None if xs is None else optree.tree_map(lambda leaf, i=i: leaf[i], xs)
         carry, y = f(carry, x) if consts is None else f(carry, x, consts)
         ys.append(y)
     if not ys:
@@ -89,7 +98,9 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-12, atol: float = 1e-12) -> None:
+def assert_trees_close(
+    actual: Any, expected: Any, rtol: float = 1e-12, atol: float = 1e-12
+) -> None:
     """Same structure, and every leaf ``torch.testing.assert_close`` (dtypes included)."""
     a_leaves, a_spec = optree.tree_flatten(actual)
     e_leaves, e_spec = optree.tree_flatten(expected)

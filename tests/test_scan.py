@@ -31,7 +31,7 @@ def _plan_for(policy, length: int, carry_bytes: int) -> sch.Plan | None:
 
 
 def _backward_order(plan: sch.Plan) -> list[int]:
-    """The step indices the backward pass evaluates: each Advance's range, then each StepBackward."""
+    """The step indices the backward evaluates: each Advance's range, each StepBackward."""
     order: list[int] = []
     for action in plan.backward:
         if isinstance(action, sch.Advance):

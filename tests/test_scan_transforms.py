@@ -54,7 +54,7 @@ def _inputs(gen, length=LENGTH):
 
 
 def _loss_fn(policy):
-    """``loss(init, xs, consts)`` through ``fmaml.scan`` (``policy``) or the reference loop (None)."""
+    """``loss(init, xs, consts)`` through ``fmaml.scan`` or, for ``policy=None``, the reference."""
 
     def loss(init, xs, consts):
         if policy is None:

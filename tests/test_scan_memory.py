@@ -1,0 +1,247 @@
+"""Memory of ``fmaml.scan``, measured by counting, not by the clock or RSS.
+
+* Live step graphs: a probe autograd Function inside the step attaches a token to every graph
+  node it creates; the tokens count themselves, so the peak number alive at once is the number of
+  step graphs held together. ``store_all`` holds all of them (the probe can see retention).
+* Snapshots: ``record_scan`` reports the live carries and their bytes; both must match a replay
+  of the plan, and stay within the policy's budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import CHECKPOINTED, F64, checkpointed_policies, policy_id, rand
+from torch.func import grad, vmap
+
+import fmaml
+from fmaml import _schedule as sch
+from fmaml._policy import DEFAULT_SNAPSHOT_BYTES, resolve_policy
+
+
+class _Token:
+    """Counts its live instances; one is attached to every probe graph node."""
+
+    live = 0
+    peak = 0
+
+    def __init__(self) -> None:
+        _Token.live += 1
+        _Token.peak = max(_Token.peak, _Token.live)
+
+    def __del__(self) -> None:
+        _Token.live -= 1
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose context holds a token: alive exactly as long as the step's graph."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.token = _Token()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        return grad_out
+
+
+@pytest.fixture
+def tokens():
+    _Token.live = _Token.peak = 0
+    yield _Token
+    assert _Token.live == 0, "a step graph outlived the scan's backward pass"
+
+
+def _probed_step(c, x, k):
+    c = _Probe.apply(c)
+    return torch.tanh(c @ k + x), (c**2).sum()
+
+
+def _loss(policy, xs):
+    def fn(init, k):
+        carry, ys = fmaml.scan(_probed_step, init, xs, checkpoint=policy, consts=k)
+        return (carry**2).sum() + ys.sum()
+
+    return fn
+
+
+LENGTH = 12
+ALL = ["store_all", *CHECKPOINTED]
+
+
+def _expected_graph_peak(policy):
+    return LENGTH if policy == "store_all" else 1
+
+
+@pytest.mark.parametrize("policy", ALL, ids=policy_id)
+def test_live_step_graphs_under_func_grad(policy, tokens, gen):
+    xs, k = rand(gen, LENGTH, 3), rand(gen, 3, 3, scale=0.5)
+    g = grad(_loss(policy, xs), argnums=(0, 1))(rand(gen, 3), k)
+    assert tokens.peak == _expected_graph_peak(policy)
+    assert tokens.live == 0
+    assert all(torch.isfinite(t).all() for t in g)
+
+
+@pytest.mark.parametrize("policy", ALL, ids=policy_id)
+def test_live_step_graphs_under_vmap_of_grad(policy, tokens, gen):
+    xs, k = rand(gen, 4, LENGTH, 3), rand(gen, 3, 3, scale=0.5)
+    g = vmap(grad(lambda i, x, k: _loss(policy, x)(i, k)), in_dims=(0, 0, None))
+    g(rand(gen, 4, 3), xs, k)
+    assert tokens.peak == _expected_graph_peak(policy)
+    assert tokens.live == 0
+
+
+@pytest.mark.parametrize("policy", ALL, ids=policy_id)
+def test_live_step_graphs_under_plain_backward(policy, tokens, gen):
+    xs, k = rand(gen, LENGTH, 3), rand(gen, 3, 3, scale=0.5).requires_grad_()
+    init = rand(gen, 3).requires_grad_()
+    loss = _loss(policy, xs)(init, k)
+    # between forward and backward: a checkpointed scan holds no step graph at all
+    assert tokens.live == (LENGTH if policy == "store_all" else 0)
+    loss.backward()
+    del loss
+    assert tokens.peak == _expected_graph_peak(policy)
+    assert tokens.live == 0
+    assert init.grad is not None and k.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# snapshots
+
+
+def _replay(plan: sch.Plan) -> tuple[int, int]:
+    """(most carries live at once, most carries held other than the initial one) over the plan.
+
+    A live carry is a snapshot or the working carry; the initial carry is the scan's input.
+    """
+    live: set[int] = set()
+    current, peak_live, peak_held = 0, 0, 0
+    for action in (*plan.forward, *plan.backward):
+        if isinstance(action, sch.Snapshot):
+            live.add(action.index)
+        elif isinstance(action, sch.Free):
+            live.discard(action.index)
+        elif isinstance(action, sch.Restore):
+            current = action.index
+        elif isinstance(action, sch.Advance):
+            current = action.stop
+        carries = live | {current}
+        peak_live = max(peak_live, len(carries))
+        peak_held = max(peak_held, len(carries - {0}))
+    return peak_live, peak_held
+
+
+def _record(policy, init, length, batched=False):
+    def step(c, x):
+        return {"w": torch.sin(c["w"]) * 1.01 + x, "b": c["b"] * 0.5}, None
+
+    def loss(init, xs):
+        carry, _ = fmaml.scan(step, init, xs, checkpoint=policy)
+        return carry["w"].sum() + carry["b"].sum()
+
+    xs = torch.ones(length, *init["w"].shape[batched:], dtype=F64)
+    with fmaml.record_scan() as stats:
+        if batched:
+            vmap(grad(loss), in_dims=(0, None))(init, xs)
+        else:
+            grad(loss)(init, xs)
+    return stats
+
+
+def _init(gen, batch=None):
+    shape = (batch,) if batch else ()
+    return {"w": rand(gen, *shape, 5), "b": rand(gen, *shape, 2, 2)}
+
+
+CARRY_BYTES = (5 + 4) * 8
+
+
+@checkpointed_policies
+@pytest.mark.parametrize("length", [1, 2, 3, 10, 33])
+def test_snapshot_counts_and_bytes_match_the_plan(policy, length, gen):
+    stats = _record(policy, _init(gen), length)
+    (plan,) = stats.plans
+    assert plan == resolve_policy(policy).plan(length, CARRY_BYTES)
+    peak_live, peak_held = _replay(plan)
+    assert stats.max_live_snapshots == peak_live
+    assert stats.max_held_bytes == peak_held * CARRY_BYTES
+    assert stats.max_held_bytes <= stats.max_live_snapshots * CARRY_BYTES
+    assert stats.max_live_snapshots <= plan.snapshots + 1
+
+
+@pytest.mark.parametrize("snapshots", [1, 2, 3, 5])
+@pytest.mark.parametrize("length", [4, 20, 50])
+def test_binomial_stays_within_its_snapshots(snapshots, length, gen):
+    stats = _record(fmaml.Binomial(snapshots), _init(gen), length)
+    assert stats.max_live_snapshots <= snapshots + 1
+    assert stats.max_held_bytes <= snapshots * CARRY_BYTES
+    # and uses what it is given (a policy that ignored `snapshots` would recompute more)
+    assert stats.plans[0].snapshots == min(snapshots, length - 1)
+
+
+@pytest.mark.parametrize("carries", [0.5, 1, 3, 3.5, 8])
+def test_auto_max_bytes_is_a_budget(carries, gen):
+    budget = int(carries * CARRY_BYTES)
+    stats = _record(fmaml.Auto(max_bytes=budget), _init(gen), 20)
+    assert stats.max_held_bytes <= budget + CARRY_BYTES
+    assert stats.plans[0].snapshots == max(1, int(carries))
+    assert stats.max_live_snapshots == max(1, int(carries)) + 1
+
+
+def test_snapshot_bytes_count_the_vmap_batch(gen):
+    batch = 4
+    budget = 6 * batch * CARRY_BYTES  # six batched carries
+    stats = _record(fmaml.Auto(max_bytes=budget), _init(gen, batch), 20, batched=True)
+    (plan,) = stats.plans
+    assert plan.snapshots == 6
+    assert stats.max_held_bytes == _replay(plan)[1] * batch * CARRY_BYTES
+    assert stats.max_held_bytes <= budget + batch * CARRY_BYTES
+
+
+@pytest.mark.parametrize(
+    ("carry_numel", "length"),
+    [(2**24, 100), (2**24, 1000), (2**17, 100), (2**22, 5), (3, 50)],
+)
+def test_default_auto_snapshots(carry_numel, length):
+    # An expanded tensor reports its logical bytes (numel * 8) without allocating them.
+    big = torch.zeros(1, dtype=F64).expand(carry_numel)
+    carry_bytes = carry_numel * 8
+
+    def step(c, x):
+        return (c[:1] * 0.5).expand(c.shape), None
+
+    with fmaml.record_scan() as stats:
+        fmaml.scan(step, big, length=length)
+    (plan,) = stats.plans
+    log2 = math.ceil(math.log2(length))
+    assert plan.snapshots >= min(log2, length - 1)
+    budget = max(DEFAULT_SNAPSHOT_BYTES // carry_bytes, log2)
+    assert plan == sch.binomial_plan(length, min(budget, length))
+    if carry_bytes > DEFAULT_SNAPSHOT_BYTES:
+        assert plan.snapshots == log2  # a huge carry still gets the "binomial" shorthand's count
+
+
+@pytest.mark.parametrize("snapshots", [1, 2, 3, 7])
+@pytest.mark.parametrize("length", [1, 2, 9, 40])
+def test_binomial_recomputations_are_optimal(snapshots, length, gen):
+    stats = _record(fmaml.Binomial(snapshots), _init(gen), length)
+    assert stats.recomputations == fmaml.binomial_cost(length, snapshots) - (length - 1)
+    assert stats.forward_evaluations == length
+    assert stats.graph_evaluations == length
+
+
+def test_exact_second_order_recomputes_with_a_graph(tokens, gen):
+    # jacrev(grad): the backward differentiates a full recomputation with a graph (store_all's
+    # memory, documented), and frees it afterwards.
+    xs, k = rand(gen, LENGTH, 3), rand(gen, 3, 3, scale=0.5)
+    torch.func.jacrev(grad(_loss(fmaml.Binomial(2), xs)))(rand(gen, 3), k)
+    assert tokens.peak >= LENGTH
+    assert tokens.live == 0
