@@ -43,6 +43,9 @@ class StoreAll:
     (``jvp``, ``jacfwd``): the scan is then a plain Python loop.
     """
 
+    def stores_all(self, length: int) -> bool:
+        return True
+
     def plan(self, length: int, carry_bytes: int) -> None:
         return None
 
@@ -66,6 +69,9 @@ class Uniform:
         _check_count(
             "Uniform", "every", self.every, "Pass every=None for ceil(sqrt(length)) steps."
         )
+
+    def stores_all(self, length: int) -> bool:
+        return False
 
     def plan(self, length: int, carry_bytes: int) -> Plan:
         every = self.every if self.every is not None else max(1, math.isqrt(length - 1) + 1)
@@ -93,6 +99,9 @@ class Binomial:
             "None picks ceil(log2(length)).",
         )
 
+    def stores_all(self, length: int) -> bool:
+        return False
+
     def plan(self, length: int, carry_bytes: int) -> Plan:
         s = self.snapshots if self.snapshots is not None else _log2_snapshots(length)
         return binomial_plan(length, min(s, max(length, 1)))
@@ -112,8 +121,9 @@ class Auto:
     budget on snapshots makes short and medium scans nearly as fast as storing every carry (2
     evaluations per step) while memory stops growing with the length once the budget is full;
     beyond it the binomial schedule degrades gracefully (about log(length) evaluations per step).
-    Auto never keeps step graphs (:class:`StoreAll`): their size is unknown before the backward
-    pass.
+    Auto keeps no step graphs (:class:`StoreAll`), whose size is unknown before the backward
+    pass, with one exception: the default ``Auto()`` runs a scan of length 1 as a plain loop,
+    since a checkpointed scan would hold that one step's graph in its backward pass anyway.
     """
 
     max_snapshots: int | None = None
@@ -137,7 +147,13 @@ class Auto:
                 budget = min(budget, self.max_bytes // per)
         return max(1, min(budget, length))
 
-    def plan(self, length: int, carry_bytes: int) -> Plan:
+    def stores_all(self, length: int) -> bool:
+        """Whether the scan runs as a plain loop: only the default ``Auto()`` at length 1."""
+        return length == 1 and self.max_snapshots is None and self.max_bytes is None
+
+    def plan(self, length: int, carry_bytes: int) -> Plan | None:
+        if self.stores_all(length):
+            return None
         return binomial_plan(length, self.snapshots(length, carry_bytes))
 
 

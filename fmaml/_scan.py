@@ -30,7 +30,7 @@ from torch._C._functorch import (
 from torch._functorch.pyfunctorch import coerce_cinterpreter
 
 from fmaml import _schedule as sch
-from fmaml._policy import Policy, StoreAll, resolve_policy
+from fmaml._policy import Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
 
@@ -51,7 +51,8 @@ class ScanStats:
         forward_evaluations: steps evaluated without a graph in forward passes.
         recomputations: steps evaluated again without a graph in backward passes.
         graph_evaluations: steps evaluated with a graph (one per step and backward pass).
-        max_live_snapshots: most carry snapshots held at once (the initial carry counts as one).
+        max_live_snapshots: most carries held at once: the snapshots (the initial carry counts
+            as one) plus the working carry when it is not itself a snapshot.
         max_held_bytes: most bytes of carries the scans held beyond their inputs (snapshots and
             the working carry), physical (vmap batches included).
         plans: the plans that ran.
@@ -354,13 +355,18 @@ def scan(
     shapes) to learn the structure of ``ys``, which come back with a leading size 0; the carry is
     ``init`` itself. Forward-mode AD (``jvp``, ``jacfwd``) needs ``checkpoint="store_all"``.
 
+    Random ops in ``f`` replay exactly on recomputation when they draw from the global CPU/CUDA
+    generators (dropout, ``torch.rand``): the scan saves and restores their states. A private
+    ``torch.Generator`` object used inside ``f`` is *not* replayed; pass random numbers in
+    through ``xs`` instead.
+
     References: Griewank and Walther (2000), Algorithm 799: revolve.
     """
     policy = resolve_policy(checkpoint)
     call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts)
     if call.length == 0:
         return _empty_scan(call, init, init_leaves, xs_leaves, consts_leaves)
-    if isinstance(policy, StoreAll) or _nested():
+    if policy.stores_all(call.length) or _nested():
         return _store_all(call, init_leaves, xs_leaves, consts_leaves)
     return _checkpointed(call, policy, init_leaves, xs_leaves, consts_leaves)
 

@@ -481,6 +481,24 @@ def test_dropout_vmap_checkpointed_equals_store_all(policy, randomness):
     assert_trees_close(got, expected, **TOL)
 
 
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_dropout_randomness_across_tasks(randomness):
+    """Three copies of one task under vmap: "same" draws one mask for all, "different" one each."""
+    k = 2
+    model = dropout_mlp()
+    one = task(regression_tasks(torch.Generator().manual_seed(9)), 0)
+    tasks = optree.tree_map(lambda leaf: leaf.expand(3, *leaf.shape), one)
+    params = fmaml.params(model)
+    maml = _maml(model, mse, "binomial", randomness=randomness)
+    _, history = maml.unrolled_loss(params, tasks, k, return_history=True)
+    adapted = maml.adapt(params, tasks.support, k, batched=True)
+    same = randomness == "same"
+    assert torch.equal(history[0], history[1]) == same
+    assert torch.equal(adapted["0.weight"][0], adapted["0.weight"][2]) == same
+    with pytest.raises(RuntimeError, match="randomness"):
+        _maml(model, mse, randomness="error").unrolled_loss(params, tasks, k)
+
+
 # --------------------------------------------------------------------------------------------
 # first-order MAML
 
