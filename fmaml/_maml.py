@@ -213,9 +213,9 @@ class MAML:
             support, "support", "adapt", min_dim=task_dim + (2 if per_step else 1)
         )
         if per_step:
-            _check_per_step(leaves, support, k, task_dim, "adapt")
+            _check_per_step(leaves, support, "support", k, task_dim, "adapt")
         if batched:
-            n_tasks = _check_leading(support, None, "adapt")
+            n_tasks = _check_leading(support, None, "adapt", "support")
             if n_tasks == 0:
                 raise ValueError(
                     "MAML.adapt: `support` holds no tasks (batched=True, but its leaves have a "
@@ -382,7 +382,7 @@ class MAML:
                 "pass at least one task."
             )
         if per_step:
-            _check_per_step(sup, tasks.support, k, 1, where)
+            _check_per_step(sup, tasks.support, "tasks.support", k, 1, where)
         return n_tasks
 
 
@@ -405,9 +405,11 @@ def _check_batch(batch: Batch, name: str, where: str, min_dim: int) -> list[torc
     return leaves
 
 
-def _check_leading(support: Batch, query: Batch | None, where: str) -> int:
+def _check_leading(
+    support: Batch, query: Batch | None, where: str, support_name: str = "tasks.support"
+) -> int:
     sizes: dict[str, int] = {}
-    for tree, name in ((support, "tasks.support"), (query, "tasks.query")):
+    for tree, name in ((support, support_name), (query, "tasks.query")):
         if tree is None:
             continue
         for path, leaf in zip(leaf_paths(tree, name), flatten(tree)[0], strict=True):
@@ -422,8 +424,10 @@ def _check_leading(support: Batch, query: Batch | None, where: str) -> int:
     return n
 
 
-def _check_per_step(leaves: list[torch.Tensor], support: Batch, k: int, dim: int, where: str):
-    for path, leaf in zip(leaf_paths(support, "support"), leaves, strict=True):
+def _check_per_step(
+    leaves: list[torch.Tensor], support: Batch, name: str, k: int, dim: int, where: str
+) -> None:
+    for path, leaf in zip(leaf_paths(support, name), leaves, strict=True):
         if leaf.shape[dim] != k:
             raise ValueError(
                 f"MAML.{where}: with per_step=True, {path} needs {k} per-step batches in "

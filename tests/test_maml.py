@@ -43,7 +43,7 @@ from _models import (
 )
 from conftest import all_policies, assert_trees_close, policy_id
 from torch import nn
-from torch.func import grad, grad_and_value, jacrev, vmap
+from torch.func import grad, grad_and_value, jacfwd, jacrev, vmap
 
 import fmaml
 
@@ -132,6 +132,8 @@ def test_backward_drop_in_for_torch_optim(policy, batching):
     model = copy.deepcopy(model0)
     maml = _maml(model, loss_fn, policy, batching)
     named = dict(model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(maml.unrolled_loss(named, tasks, k), ref_loss, **TOL)
     loss = maml.unrolled_loss(named, tasks, k)
     torch.testing.assert_close(loss.detach(), ref_loss, **TOL)
     loss.backward()
@@ -190,11 +192,12 @@ def test_adapt_single_and_batched_match_naive(policy, batching):
 
 
 @all_policies
-def test_adapt_is_differentiable(policy):
+@all_batchings
+def test_adapt_is_differentiable(policy, batching):
     """The gradient of a function of the adapted parameters flows through the checkpointed scan."""
     k = 4
     model, loss_fn, params, tasks, _ = _case("mlp", k)
-    maml = _maml(model, loss_fn, policy)
+    maml = _maml(model, loss_fn, policy, batching)
     weights = {
         n: torch.linspace(-1, 1, p.numel(), dtype=F64).reshape(p.shape) for n, p in params.items()
     }
@@ -322,6 +325,17 @@ def test_jacrev_grad_is_the_naive_hessian(policy, batching, tiny_hessian):
     assert hessian.shape == (9, 9)
     torch.testing.assert_close(hessian, tiny_hessian, **TOL)
     torch.testing.assert_close(hessian, hessian.T, **TOL)
+
+
+def test_jacfwd_grad_with_store_all_is_the_naive_hessian(tiny_hessian):
+    """Forward-over-reverse needs ``store_all`` (a plain loop); checkpointed policies refuse it."""
+    model, tasks, params = _tiny()
+    maml = _maml(model, mse, "store_all")
+    hessian = jacfwd(grad(lambda v: maml.unrolled_loss(unflat(v, params), tasks, 3)))(flat(params))
+    torch.testing.assert_close(hessian, tiny_hessian, **TOL)
+    maml = _maml(model, mse, "binomial", "loop")
+    with pytest.raises(NotImplementedError, match="checkpoint='store_all'"):
+        jacfwd(grad(lambda v: maml.unrolled_loss(unflat(v, params), tasks, 3)))(flat(params))
 
 
 @pytest.mark.parametrize("policy", HESSIAN_POLICIES, ids=policy_id)
