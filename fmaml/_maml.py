@@ -317,7 +317,9 @@ class MAML:
             adapted, history = self._adapt_one(params, support, k, per_step)
             return self.loss(adapted, query), history
 
-        if self.batching == "loop":
+        if self.batching == "loop" or _n_tasks(tasks.support) == 1:
+            # a chunk of one task needs no vmap (which would turn convolutions with per-task
+            # weights into slower grouped convolutions)
             loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
             return loss[None], history[None]
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
@@ -438,6 +440,10 @@ def _check_per_step(
 def _slice_tree(tree: Batch, start: int, stop: int | None, index: bool = False) -> Batch:
     leaves, spec = flatten(tree)
     return unflatten(spec, [leaf[start] if index else leaf[start:stop] for leaf in leaves])
+
+
+def _n_tasks(batch: Batch) -> int:
+    return flatten(batch)[0][0].shape[0]
 
 
 def _slice_tasks(tasks: Tasks, start: int, stop: int | None, index: bool = False) -> Tasks:

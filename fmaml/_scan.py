@@ -417,6 +417,12 @@ def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[
     return unflatten(call.init_spec, carry), _stack_ys(call, ys, spec)
 
 
+_NO_FORWARD_MODE = (
+    "fmaml.scan: forward-mode AD (torch.func.jvp, jacfwd) is not supported through a "
+    "checkpointed scan. Use checkpoint='store_all' (a plain unrolled loop) for forward mode."
+)
+
+
 def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
     if any(_tracked(t) for t in (*c1, *y0)):
         raise ValueError(
@@ -430,6 +436,8 @@ def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
 def _checkpointed(
     call: _Call, policy: Policy, init: Leaves, xs: Leaves, consts: Leaves
 ) -> tuple[Any, Any]:
+    if any(i.key() == TransformType.Jvp for i in get_interpreter_stack() or ()):
+        raise NotImplementedError(_NO_FORWARD_MODE)
     devices = cuda_devices([*init, *xs, *consts])
     rng0 = RngState.capture(devices)
     # Step 0 runs here, at the caller's level, on untracked aliases of the inputs: it validates
@@ -581,11 +589,7 @@ class _ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise NotImplementedError(
-            "fmaml.scan: forward-mode AD (torch.func.jvp, jacfwd) is not supported through a "
-            "checkpointed scan. Use checkpoint='store_all' (a plain unrolled loop) for forward "
-            "mode."
-        )
+        raise NotImplementedError(_NO_FORWARD_MODE)
 
 
 def _store_refs(

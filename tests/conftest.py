@@ -31,6 +31,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 F64 = torch.float64
 
 
+# One intra-op thread for the whole suite: the tensors are tiny, and a second thread's spin-waits
+# cost far more than they save on a 2-core machine shared with other work.
+torch.set_num_threads(1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # torch's first forward-mode call scripts its jvp decompositions with the deprecated
     # torch.jit.script: not ours, and not something a test can fix.
