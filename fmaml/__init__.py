@@ -4,8 +4,9 @@ The heart is :func:`scan`, ``jax.lax.scan`` with checkpointed gradients (optimal
 schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and plain autograd.
 """
 
+from fmaml import optim
 from fmaml._functional import params
-from fmaml._maml import MAML
+from fmaml._maml import MAML, reptile_direction
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
 from fmaml._scan import ScanStats, record_scan, scan
 from fmaml._schedule import Plan, binomial_cost, binomial_plan, uniform_plan
@@ -24,7 +25,9 @@ __all__ = [
     "binomial_cost",
     "binomial_plan",
     "params",
+    "optim",
     "record_scan",
+    "reptile_direction",
     "scan",
     "uniform_plan",
 ]

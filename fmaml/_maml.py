@@ -12,19 +12,23 @@ batch), so its gradient is exact and its memory follows the checkpoint policy, n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import optree
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fmaml import optim
 from fmaml._functional import batch_norm_in_plain_ops, inner_buffers
 from fmaml._policy import Policy, resolve_policy
 from fmaml._scan import scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, Params, Tasks
+from fmaml.optim import GradientTransformation
 
-__all__ = ["MAML"]
+__all__ = ["MAML", "reptile_direction"]
 
 _BATCHING = ("vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
@@ -41,11 +45,21 @@ class MAML:
         loss_fn: ``loss_fn(model(x), y) -> scalar`` for batches ``(x, y)``.
         forward: instead of ``loss_fn``, ``forward(params, batch) -> scalar`` for any batch;
             call ``torch.func.functional_call(model, params, ...)`` inside it.
-        inner_lr: the inner SGD step size ``α`` (> 0).
+        inner_lr: the inner SGD step size ``α`` (> 0); default 0.4 when ``inner_opt`` is None.
+        inner_opt: an inner optimizer from :mod:`fmaml.optim` (``adam``, ``momentum``,
+            ``rmsprop``, ``meta_sgd``, ``chain(clip_by_global_norm(1.0), sgd(0.1))``, ...). Its
+            state rides in the scan's carry, so recomputation replays it exactly. Learned rates
+            (``meta_sgd``, ``scalar_lr``, ``per_layer_lr``) take ``hyper`` in every method.
+        adapt_only: ANIL/BOIL style: the names (or module prefixes, e.g. ``"head"``) of the
+            parameters the inner loop adapts. The others stay fixed inside the inner loop but
+            still receive their exact meta-gradient; the carry holds only the adapted subset.
         checkpoint: the inner loop's checkpoint policy (see :func:`fmaml.scan`).
         first_order: first-order MAML: the inner gradients are constants, so the meta-gradient
             is the query gradient at the adapted parameters; the inner loop then runs without
             any graph at all.
+        max_grad_grad_norm: clip the global norm of the meta-gradient flowing backward into each
+            inner step to this value (torch_maml's option of the same name), for very long
+            unrolls whose gradients explode. Intentionally inexact when it clips.
         batching: ``"vmap"`` (default) vectorises over tasks, ``task_chunk`` at a time (all
             when ``None``); ``"loop"`` runs one task at a time. The results are the same; the
             speed differs by model and device (on a 2-core CPU a loop beat vmap for conv nets).
@@ -66,9 +80,12 @@ class MAML:
         loss_fn: LossFn | None = None,
         *,
         forward: ForwardFn | None = None,
-        inner_lr: float = 0.4,
+        inner_lr: float | None = None,
+        inner_opt: GradientTransformation | None = None,
+        adapt_only: Sequence[str] | None = None,
         checkpoint: str | Policy = "auto",
         first_order: bool = False,
+        max_grad_grad_norm: float | None = None,
         batching: str = "vmap",
         task_chunk: int | None = None,
         randomness: str = "different",
@@ -81,10 +98,32 @@ class MAML:
                 "MAML: pass exactly one of `loss_fn` (loss_fn(model(x), y) for batches (x, y)) "
                 "and `forward` (forward(params, batch) -> scalar loss)."
             )
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, int | float):
-            raise TypeError(f"MAML: `inner_lr` must be a positive number, got {inner_lr!r}.")
-        if not (math.isfinite(inner_lr) and inner_lr > 0):
-            raise ValueError(f"MAML: `inner_lr` must be positive and finite, got {inner_lr!r}.")
+        if inner_lr is not None and inner_opt is not None:
+            raise TypeError(
+                "MAML: pass `inner_lr` (plain SGD) or `inner_opt` (e.g. fmaml.optim.adam(1e-3)), "
+                "not both."
+            )
+        if inner_opt is None:
+            inner_lr = 0.4 if inner_lr is None else inner_lr
+            if isinstance(inner_lr, bool) or not isinstance(inner_lr, int | float):
+                raise TypeError(f"MAML: `inner_lr` must be a positive number, got {inner_lr!r}.")
+            if not (math.isfinite(inner_lr) and inner_lr > 0):
+                raise ValueError(f"MAML: `inner_lr` must be positive and finite, got {inner_lr!r}.")
+            inner_opt = optim.sgd(float(inner_lr))
+        elif not isinstance(inner_opt, GradientTransformation):
+            raise TypeError(
+                "MAML: `inner_opt` must be a fmaml.optim.GradientTransformation (an (init, update) "
+                f"pair such as fmaml.optim.adam(1e-3)), got {type(inner_opt).__name__}."
+            )
+        if max_grad_grad_norm is not None and (
+            isinstance(max_grad_grad_norm, bool)
+            or not isinstance(max_grad_grad_norm, int | float)
+            or not (math.isfinite(max_grad_grad_norm) and max_grad_grad_norm > 0)
+        ):
+            raise ValueError(
+                "MAML: `max_grad_grad_norm` must be a positive number or None, got "
+                f"{max_grad_grad_norm!r}."
+            )
         if batching not in _BATCHING:
             raise ValueError(f"MAML: `batching` must be one of {_BATCHING}, got {batching!r}.")
         if task_chunk is not None and (
@@ -98,7 +137,9 @@ class MAML:
         self.model = model
         self.loss_fn = loss_fn
         self.forward = forward
-        self.inner_lr = float(inner_lr)
+        self.inner_lr = None if inner_lr is None else float(inner_lr)
+        self.inner_opt = inner_opt
+        self.max_grad_grad_norm = max_grad_grad_norm
         self.checkpoint = resolve_policy(checkpoint, owner="MAML")
         self.first_order = bool(first_order)
         self.batching = batching
@@ -106,10 +147,12 @@ class MAML:
         self.randomness = randomness
         self.check_finite = bool(check_finite)
         self._names = [name for name, _ in model.named_parameters()]
+        self.adapt_only = _resolve_subset(adapt_only, self._names)
 
     def __repr__(self) -> str:
         return (
             f"MAML({type(self.model).__name__}, inner_lr={self.inner_lr}, "
+            f"adapt_only={self.adapt_only}, "
             f"checkpoint={self.checkpoint}, first_order={self.first_order}, "
             f"batching={self.batching!r}, task_chunk={self.task_chunk})"
         )
@@ -136,47 +179,85 @@ class MAML:
             )
         return value
 
-    def inner_step(self, params: Params, batch: Batch) -> Params:
-        """One inner SGD step, ``θ - α ∇L(θ; batch)``; pure (returns new tensors).
+    def inner_step(self, params: Params, batch: Batch, hyper: Any = None) -> Params:
+        """One inner step, ``θ - α ∇L(θ; batch)`` for SGD; pure (returns new tensors).
+
+        With a stateful ``inner_opt`` this is its first step from a fresh state.
 
         Example:
             >>> new_params = maml.inner_step(params, (x, y))  # doctest: +SKIP
         """
-        return self._step(params, batch)[0]
+        adapted, frozen = self._split(params)
+        (new, _), _ = self._step((adapted, self.inner_opt.init(adapted)), batch, hyper, frozen)
+        return {name: new.get(name, frozen.get(name)) for name in params}
 
-    def _step(self, params: Params, batch: Batch) -> tuple[Params, torch.Tensor]:
-        grads, value = grad_and_value(self.loss)(params, batch)
-        lr = self.inner_lr
+    def _split(self, params: Params) -> tuple[Params, Params]:
+        """(adapted, frozen): the parameters the inner loop changes, and the rest."""
+        if self.adapt_only is None:
+            return params, {}
+        adapted = {n: p for n, p in params.items() if n in self.adapt_only}
+        return adapted, {n: p for n, p in params.items() if n not in self.adapt_only}
+
+    def _step(
+        self, carry: tuple[Params, Any], batch: Batch, hyper: Any, frozen: Params
+    ) -> tuple[tuple[Params, Any], torch.Tensor]:
+        """One inner step on the carry ``(adapted params, optimizer state)``."""
+        adapted, state = carry
+        if self.max_grad_grad_norm is not None:
+            adapted = optim.clip_backward(adapted, self.max_grad_grad_norm)
+        grads, value = grad_and_value(lambda a: self.loss({**frozen, **a}, batch))(adapted)
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
-        return {name: p - lr * grads[name] for name, p in params.items()}, value.detach()
+        updates, state = self.inner_opt.update(grads, state, adapted, hyper)
+        return (optim.apply_updates(adapted, updates), state), value.detach()
 
     def _adapt_one(
-        self, params: Params, support: Batch, k: int, per_step: bool
+        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
     ) -> tuple[Params, torch.Tensor]:
         """``k`` inner steps on one task; returns the adapted params and the (k,) loss history."""
+        adapted, frozen = self._split(params)
         if self.first_order:
             # First-order MAML: θ_k = θ + Δ with Δ constant, so the inner loop needs no graph.
             with torch.no_grad():
-                plain = {name: p.detach() for name, p in params.items()}
-                adapted, history = self._unroll(plain, support, k, per_step, "store_all")
-            return {n: p + (adapted[n] - p.detach()) for n, p in params.items()}, history
-        return self._unroll(params, support, k, per_step, self.checkpoint)
+                plain = {name: p.detach() for name, p in adapted.items()}
+                rest = {name: p.detach() for name, p in frozen.items()}
+                hyper_c = None if hyper is None else optree.tree_map(torch.detach, hyper)
+                new, history = self._unroll(plain, support, k, per_step, hyper_c, rest, "store_all")
+            new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
+        else:
+            new, history = self._unroll(
+                adapted, support, k, per_step, hyper, frozen, self.checkpoint
+            )
+        return {name: new.get(name, frozen.get(name)) for name in params}, history
 
     def _unroll(
-        self, params: Params, support: Batch, k: int, per_step: bool, checkpoint: Any
+        self,
+        adapted: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        frozen: Params,
+        checkpoint: Any,
     ) -> tuple[Params, torch.Tensor]:
+        init = (adapted, self.inner_opt.init(adapted))
         if per_step:
-            return scan(
-                lambda p, batch: self._step(p, batch), params, support, checkpoint=checkpoint
+            (new, _), history = scan(
+                lambda c, batch, consts: self._step(c, batch, *consts),
+                init,
+                support,
+                checkpoint=checkpoint,
+                consts=(hyper, frozen),
             )
-        return scan(
-            lambda p, _, batch: self._step(p, batch),
-            params,
-            length=k,
-            checkpoint=checkpoint,
-            consts=support,
-        )
+        else:
+            (new, _), history = scan(
+                lambda c, _, consts: self._step(c, consts[0], *consts[1:]),
+                init,
+                length=k,
+                checkpoint=checkpoint,
+                consts=(support, hyper, frozen),
+            )
+        return new, history
 
     # ---------------------------------------------------------------------------------------
     # public, batched
@@ -190,6 +271,7 @@ class MAML:
         batched: bool = False,
         per_step: bool = False,
         return_history: bool = False,
+        hyper: Any = None,
     ) -> Params | tuple[Params, torch.Tensor]:
         """Fine-tune ``params`` with ``k`` inner steps on ``support`` (for evaluation).
 
@@ -222,13 +304,13 @@ class MAML:
                     "leading size 0); pass at least one task."
                 )
             parts = [
-                self._adapt_tasks(params, _slice_tree(support, start, stop), k, per_step)
+                self._adapt_tasks(params, _slice_tree(support, start, stop), k, per_step, hyper)
                 for start, stop in self._chunks(n_tasks)
             ]
             adapted = {name: torch.cat([a[name] for a, _ in parts]) for name in parts[0][0]}
             history = torch.cat([h for _, h in parts])
         else:
-            adapted, history = self._adapt_one(params, support, k, per_step)
+            adapted, history = self._adapt_one(params, support, k, per_step, hyper)
         if self.check_finite:
             _raise_if_not_finite(history if batched else history[None], None)
         return (adapted, history) if return_history else adapted
@@ -238,6 +320,7 @@ class MAML:
         params: Params,
         tasks: Tasks,
         k: int,
+        hyper: Any = None,
         *,
         per_step: bool = False,
         return_history: bool = False,
@@ -254,6 +337,9 @@ class MAML:
             tasks: :class:`fmaml.Tasks`; every leaf has a leading task dimension ``T``.
             k: the number of inner steps (0: the plain query loss).
             per_step: the support leaves are ``(T, k, N, ...)``, one batch per inner step.
+            hyper: learned hyperparameters of ``inner_opt`` (``inner_opt.init_hyper(params,
+                0.01)`` for ``fmaml.optim.meta_sgd()``), a meta-parameter: differentiate with
+                ``grad(maml.unrolled_loss, argnums=(0, 3))(params, tasks, k, hyper)``.
             return_history: also return the inner losses ``(T, k)`` (before each step), as
                 ``(loss, history)`` (use ``grad(..., has_aux=True)``).
 
@@ -265,7 +351,7 @@ class MAML:
         total, history = None, []
         for start, stop in self._chunks(n_tasks):
             chunk = _slice_tasks(tasks, start, stop)
-            losses, hist = self._task_losses(params, chunk, k, per_step)
+            losses, hist = self._task_losses(params, chunk, k, per_step, hyper)
             part = losses.sum()
             total = part if total is None else total + part
             history.append(hist)
@@ -278,30 +364,52 @@ class MAML:
         return (loss, history_t) if return_history else loss
 
     def meta_grad(
-        self, params: Params, tasks: Tasks, k: int, *, per_step: bool = False
-    ) -> tuple[torch.Tensor, Params]:
+        self, params: Params, tasks: Tasks, k: int, hyper: Any = None, *, per_step: bool = False
+    ) -> tuple[torch.Tensor, Any]:
         """``(meta-loss, meta-gradient)``, accumulated chunk by chunk (task by task with "loop").
 
         Equal to ``torch.func.grad_and_value(self.unrolled_loss)`` but with the memory of one
         chunk of tasks: each chunk's gradient is computed and added before the next one starts.
+        With ``hyper`` (learned rates) the gradient is the pair ``(params_grad, hyper_grad)``.
         """
         n_tasks = self._check_tasks(params, tasks, k, per_step, "meta_grad")
         total_loss, total_grad = None, None
         for start, stop in self._chunks(n_tasks):
             chunk = _slice_tasks(tasks, start, stop)
 
-            def chunk_loss(p: Params, chunk: Tasks = chunk, start: int = start) -> torch.Tensor:
-                losses, hist = self._task_losses(p, chunk, k, per_step)
+            def chunk_loss(
+                p: Params, h: Any, chunk: Tasks = chunk, start: int = start
+            ) -> torch.Tensor:
+                losses, hist = self._task_losses(p, chunk, k, per_step, h)
                 if self.check_finite:
                     _raise_if_not_finite(hist, start)
                 return losses.sum() / n_tasks
 
-            g, value = grad_and_value(chunk_loss)(params)
+            argnums = 0 if hyper is None else (0, 1)
+            g, value = grad_and_value(chunk_loss, argnums=argnums)(params, hyper)
             total_loss = value if total_loss is None else total_loss + value
-            total_grad = g if total_grad is None else {n: total_grad[n] + g[n] for n in g}
+            total_grad = g if total_grad is None else optree.tree_map(torch.add, total_grad, g)
         if self.check_finite:
             _raise_if_query_not_finite(total_loss)
         return total_loss, total_grad
+
+    def reptile_grad(
+        self, params: Params, support: Batch, k: int, hyper: Any = None, *, per_step: bool = False
+    ) -> Params:
+        """Reptile's meta-update direction (Nichol et al., 2018), as a gradient.
+
+        ``g = θ - mean_t θ_k^t``, where ``θ_k^t`` is ``params`` after ``k`` inner steps on task
+        ``t``'s ``support`` (leaves ``(T, N, ...)``; Reptile usually adapts on all of a task's
+        data). A step ``θ ← θ - ε g`` of any ``torch.optim`` optimizer moves the initialisation
+        towards the adapted parameters. No graph is built.
+
+        Example:
+            >>> g = maml.reptile_grad(params, (xs, ys), 5)  # doctest: +SKIP
+        """
+        with torch.no_grad():
+            detached = {name: p.detach() for name, p in params.items()}
+            adapted = self.adapt(detached, support, k, batched=True, per_step=per_step, hyper=hyper)
+        return reptile_direction(detached, adapted)
 
     # ---------------------------------------------------------------------------------------
     # internals
@@ -311,10 +419,10 @@ class MAML:
         return [(s, min(s + size, n_tasks)) for s in range(0, n_tasks, size)]
 
     def _task_losses(
-        self, params: Params, tasks: Tasks, k: int, per_step: bool
+        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            adapted, history = self._adapt_one(params, support, k, per_step)
+            adapted, history = self._adapt_one(params, support, k, per_step, hyper)
             return self.loss(adapted, query), history
 
         if self.batching == "loop" or _n_tasks(tasks.support) == 1:
@@ -325,17 +433,21 @@ class MAML:
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
 
     def _adapt_tasks(
-        self, params: Params, support: Batch, k: int, per_step: bool
+        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
     ) -> tuple[Params, torch.Tensor]:
         """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``batching`` says."""
         if self.batching == "loop":
             parts = [
-                self._adapt_one(params, _slice_tree(support, t, None, index=True), k, per_step)
+                self._adapt_one(
+                    params, _slice_tree(support, t, None, index=True), k, per_step, hyper
+                )
                 for t in range(flatten(support)[0][0].shape[0])
             ]
             adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
             return adapted, torch.stack([h for _, h in parts])
-        fn = vmap(lambda s: self._adapt_one(params, s, k, per_step), randomness=self.randomness)
+        fn = vmap(
+            lambda s: self._adapt_one(params, s, k, per_step, hyper), randomness=self.randomness
+        )
         return fn(support)
 
     def _check_k(self, k: object, where: str) -> None:
@@ -467,3 +579,38 @@ def _raise_if_not_finite(history: torch.Tensor, offset: int | None) -> None:
             f"MAML: the inner loss is {history[tuple(where)].item()} at task {task}, inner step "
             f"{step} (the first non-finite value). Lower `inner_lr` or check the data."
         )
+
+
+def _resolve_subset(adapt_only: Sequence[str] | None, names: list[str]) -> frozenset | None:
+    """The parameter names selected by ``adapt_only`` (exact names or module prefixes)."""
+    if adapt_only is None:
+        return None
+    if isinstance(adapt_only, str) or not all(isinstance(a, str) for a in adapt_only):
+        raise TypeError(
+            "MAML: `adapt_only` must be a list of parameter names or module prefixes, e.g. "
+            f"['head'] or ['head.weight', 'head.bias'], got {adapt_only!r}."
+        )
+    chosen, unknown = set(), []
+    for item in adapt_only:
+        hits = [n for n in names if n == item or n.startswith(item + ".")]
+        if not hits:
+            unknown.append(item)
+        chosen.update(hits)
+    if unknown:
+        raise ValueError(
+            f"MAML: `adapt_only` names no parameter for {unknown}; the model's parameters are "
+            f"{names}."
+        )
+    return frozenset(chosen)
+
+
+def reptile_direction(params: Params, adapted: Params) -> Params:
+    """``θ - mean_t θ^t``: Reptile's update direction from adapted parameters with a leading ``T``.
+
+    ``fmaml.reptile_update`` in other words: ``θ - ε · reptile_direction(θ, adapted)`` is the
+    Reptile meta-update with step size ``ε``.
+    """
+    missing = [name for name in params if name not in adapted]
+    if missing:
+        raise ValueError(f"reptile_direction: `adapted` lacks the parameters {missing}.")
+    return {name: p - adapted[name].mean(0) for name, p in params.items()}
