@@ -60,9 +60,9 @@ def test_default_ranges_are_finn_et_al_and_respected():
     assert dist.x_range == (-5.0, 5.0)
     tasks, meta = dist.sample(2000, 10, 10, gen(), dtype=torch.float64)
     x = torch.cat([tasks.support[0], tasks.query[0]], dim=1)
-    assert 0.1 <= meta.amplitude.min() and meta.amplitude.max() <= 5.0
-    assert 0.0 <= meta.phase.min() and meta.phase.max() <= math.pi
-    assert -5.0 <= x.min() and x.max() <= 5.0
+    assert meta.amplitude.min() >= 0.1 and meta.amplitude.max() <= 5.0
+    assert meta.phase.min() >= 0.0 and meta.phase.max() <= math.pi
+    assert x.min() >= -5.0 and x.max() <= 5.0
     # and they are spread over the range, not stuck in a corner
     assert meta.amplitude.min() < 0.2 and meta.amplitude.max() > 4.9
     assert x.min() < -4.99 and x.max() > 4.99
@@ -72,8 +72,8 @@ def test_custom_ranges_are_respected_and_a_point_range_is_constant():
     dist = SinusoidTasks(amplitude=(2.0, 2.0), phase=(1.0, 1.5), x_range=(0.0, 0.5))
     tasks, meta = dist.sample(100, 4, 4, gen(), dtype=torch.float64)
     assert torch.equal(meta.amplitude, torch.full((100,), 2.0, dtype=torch.float64))
-    assert 1.0 <= meta.phase.min() and meta.phase.max() <= 1.5
-    assert 0.0 <= tasks.support[0].min() and tasks.query[0].max() <= 0.5
+    assert meta.phase.min() >= 1.0 and meta.phase.max() <= 1.5
+    assert tasks.support[0].min() >= 0.0 and tasks.query[0].max() <= 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,7 +1,8 @@
 """Omniglot (Lake et al., 2015) from its official zip files, read in place.
 
 The zips are never extracted: each PNG is decoded straight from the archive with ``zipfile`` and
-Pillow, inverted so that ink is 1 and the background 0, resized with Pillow's LANCZOS filter, and
+Pillow, converted to 8-bit grayscale and resized with Pillow's LANCZOS filter (on the 1-bit
+original Pillow would fall back to NEAREST), inverted so that ink is 1 and the background 0, and
 kept in memory as ``uint8`` (255 = ink). Nothing is written to disk.
 
 - :class:`OmniglotCharacters`: the characters of ``images_background*.zip`` (or
@@ -14,6 +15,7 @@ kept in memory as ``uint8`` (255 = ink). Nothing is written to disk.
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import re
 import zipfile
@@ -211,15 +213,17 @@ def split(
 def _split_bounds(sizes: object, n: int) -> list[int]:
     if not isinstance(sizes, list) or not sizes:
         raise ValueError(f"split: `sizes` must be a non-empty sequence, got {sizes!r}.")
-    if all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+    if all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes):
+        sizes = [int(s) for s in sizes]
         if min(sizes) < 1 or sum(sizes) > n:
             raise ValueError(
                 f"split: `sizes` as counts must each be >= 1 and total at most the {n} classes, "
                 f"got {sizes!r}."
             )
         bounds = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-    elif all(isinstance(s, float) for s in sizes):
-        if min(sizes) <= 0 or max(sizes) > 1 or sum(sizes) > 1 + 1e-9:
+    elif all(isinstance(s, numbers.Real) and not isinstance(s, numbers.Integral) for s in sizes):
+        sizes = [float(s) for s in sizes]
+        if not all(0 < s <= 1 for s in sizes) or sum(sizes) > 1 + 1e-9:  # NaN fails too
             raise ValueError(
                 f"split: `sizes` as fractions must each be in (0, 1] and total at most 1, "
                 f"got {sizes!r}."
