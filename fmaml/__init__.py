@@ -6,6 +6,7 @@ schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and pl
 
 from fmaml import optim
 from fmaml._functional import params
+from fmaml._imaml import IMAMLInfo, imaml_adapt, imaml_grad
 from fmaml._maml import MAML, reptile_direction
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
 from fmaml._scan import ScanStats, record_scan, scan
@@ -15,6 +16,7 @@ from fmaml._typing import Tasks
 __all__ = [
     "Auto",
     "Binomial",
+    "IMAMLInfo",
     "MAML",
     "Plan",
     "Policy",
@@ -24,8 +26,10 @@ __all__ = [
     "Uniform",
     "binomial_cost",
     "binomial_plan",
-    "params",
+    "imaml_adapt",
+    "imaml_grad",
     "optim",
+    "params",
     "record_scan",
     "reptile_direction",
     "scan",

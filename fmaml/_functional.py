@@ -18,7 +18,13 @@ from torch import nn
 
 from fmaml._typing import Params
 
-__all__ = ["batch_norm_in_plain_ops", "inner_buffers", "params"]
+__all__ = [
+    "batch_norm_in_plain_ops",
+    "collect_running_stats",
+    "inner_buffers",
+    "params",
+    "running_stats",
+]
 
 
 def params(model: nn.Module) -> Params:
@@ -42,13 +48,72 @@ def params(model: nn.Module) -> Params:
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (prefix, module)
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+    ]
+
+
+def _name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def inner_buffers(model: nn.Module) -> dict[str, torch.Tensor | None]:
     """The buffers to hand to ``functional_call``: BatchNorm running statistics become ``None``."""
-    running = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            running.update(f"{prefix}.{name}" if prefix else name for name in _RUNNING)
+    running = {_name(prefix, name) for prefix, _ in _batch_norms(model) for name in _RUNNING}
     return {name: (None if name in running else buffer) for name, buffer in model.named_buffers()}
+
+
+def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the BatchNorm running means and variances of ``model``, by name.
+
+    The initial value of the per-task statistics that ``MAML(..., bn_stats="carry")`` carries
+    through the inner loop.
+    """
+    stats = {}
+    for prefix, module in _batch_norms(model):
+        if module.momentum is None:
+            raise ValueError(
+                f"MAML: bn_stats='carry' needs BatchNorm momentum, but {prefix or 'the model'} "
+                "has momentum=None (a cumulative average); set a momentum such as 0.1."
+            )
+        for name in ("running_mean", "running_var"):
+            stats[_name(prefix, name)] = getattr(module, name).detach().clone()
+    return stats
+
+
+class _Collector:
+    """Receives the momentum-updated running statistics of the BatchNorms of one forward pass."""
+
+    def __init__(self, stats: dict[str, torch.Tensor]) -> None:
+        self.names = {
+            id(t): name.removesuffix("running_mean")
+            for name, t in stats.items()
+            if name.endswith("running_mean")
+        }
+        self.updated: dict[str, torch.Tensor] = {}
+
+
+_COLLECTORS: list[_Collector] = []
+
+
+@contextlib.contextmanager
+def collect_running_stats(stats: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block, BatchNorms reading the tensors of ``stats`` report their updates.
+
+    Yields a dict that, after the block, maps each statistic's name to its momentum-updated
+    value (PyTorch's rule: ``(1 - m) * running + m * batch``, the variance unbiased), detached:
+    running statistics are buffers, never differentiated.
+    """
+    collector = _Collector(stats)
+    _COLLECTORS.append(collector)
+    try:
+        with batch_norm_in_plain_ops():
+            yield collector.updated
+    finally:
+        _COLLECTORS.remove(collector)
 
 
 def _batch_norm_batch_stats(
@@ -61,15 +126,31 @@ def _batch_norm_batch_stats(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    if running_mean is not None or running_var is not None or not training:
+    collector = _COLLECTORS[-1] if _COLLECTORS else None
+    carried = collector is not None and id(running_mean) in collector.names
+    if not carried and (running_mean is not None or running_var is not None or not training):
         return _NATIVE_BATCH_NORM(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    dims = [0, *range(2, input.dim())]
-    mean = input.mean(dims, keepdim=True)
-    var = input.var(dims, unbiased=False, keepdim=True)
-    out = (input - mean) * torch.rsqrt(var + eps)
     shape = [1, -1] + [1] * (input.dim() - 2)
+    if carried and not training:  # eval mode: normalise with the carried statistics
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    else:
+        dims = [0, *range(2, input.dim())]
+        mean = input.mean(dims, keepdim=True)
+        var = input.var(dims, unbiased=False, keepdim=True)
+        if carried:
+            n = input.numel() // input.shape[1]
+            prefix = collector.names[id(running_mean)]
+            m = float(momentum)
+            unbiased = var.flatten() * (n / max(n - 1, 1))
+            collector.updated[prefix + "running_mean"] = (
+                (1 - m) * running_mean + m * mean.flatten()
+            ).detach()
+            collector.updated[prefix + "running_var"] = (
+                (1 - m) * running_var + m * unbiased
+            ).detach()
+    out = (input - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight.reshape(shape)
     if bias is not None:

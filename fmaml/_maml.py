@@ -21,7 +21,12 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fmaml import optim
-from fmaml._functional import batch_norm_in_plain_ops, inner_buffers
+from fmaml._functional import (
+    batch_norm_in_plain_ops,
+    collect_running_stats,
+    inner_buffers,
+    running_stats,
+)
 from fmaml._policy import Policy, resolve_policy
 from fmaml._scan import scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
@@ -57,6 +62,12 @@ class MAML:
         first_order: first-order MAML: the inner gradients are constants, so the meta-gradient
             is the query gradient at the adapted parameters; the inner loop then runs without
             any graph at all.
+        bn_stats: ``"batch"`` (default): BatchNorm normalises with batch statistics and nothing
+            is carried. ``"carry"``: each task carries its own BatchNorm running statistics
+            through the inner loop, starting from the module's buffers and updated after every
+            inner step by PyTorch's momentum rule (not differentiated); in eval mode the query
+            loss normalises with them, and :meth:`adapt` returns them beside the parameters.
+            The module's own buffers are never touched.
         max_grad_grad_norm: clip the global norm of the meta-gradient flowing backward into each
             inner step to this value (torch_maml's option of the same name), for very long
             unrolls whose gradients explode. Intentionally inexact when it clips.
@@ -86,6 +97,7 @@ class MAML:
         checkpoint: str | Policy = "auto",
         first_order: bool = False,
         max_grad_grad_norm: float | None = None,
+        bn_stats: str = "batch",
         batching: str = "vmap",
         task_chunk: int | None = None,
         randomness: str = "different",
@@ -140,6 +152,16 @@ class MAML:
         self.inner_lr = None if inner_lr is None else float(inner_lr)
         self.inner_opt = inner_opt
         self.max_grad_grad_norm = max_grad_grad_norm
+        if bn_stats not in ("batch", "carry"):
+            raise ValueError(f"MAML: `bn_stats` must be 'batch' or 'carry', got {bn_stats!r}.")
+        if bn_stats == "carry" and forward is not None:
+            raise ValueError(
+                "MAML: bn_stats='carry' needs `loss_fn` (fmaml runs the module); with a custom "
+                "`forward`, carry the statistics yourself."
+            )
+        self.bn_stats = bn_stats
+        if bn_stats == "carry":
+            running_stats(model)  # validates the BatchNorms (momentum) before any work
         self.checkpoint = resolve_policy(checkpoint, owner="MAML")
         self.first_order = bool(first_order)
         self.batching = batching
@@ -161,14 +183,29 @@ class MAML:
     # one task
 
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
-        """The loss of ``params`` on one batch (a scalar tensor)."""
+        """The loss of ``params`` on one batch (a scalar tensor).
+
+        With ``bn_stats="carry"``, ``params`` may also hold BatchNorm running statistics by
+        buffer name (as :meth:`adapt` returns them); in eval mode BatchNorm then uses them.
+        """
+        return self._loss_and_stats(params, batch)[0]
+
+    def _loss_and_stats(
+        self, params: Params, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss, and the running statistics updated by this forward pass (carry mode)."""
+        updated: dict[str, torch.Tensor] = {}
         if self.forward is not None:
             value = self.forward(params, batch)
         else:
             x, y = batch
             buffers = inner_buffers(self.model)
-            with batch_norm_in_plain_ops():
-                out = functional_call(self.model, {**params, **buffers}, (x,))
+            stats = {n: t for n, t in params.items() if n in buffers}
+            weights = {n: t for n, t in params.items() if n not in buffers}
+            context = collect_running_stats(stats) if stats else batch_norm_in_plain_ops()
+            with context as collected:
+                out = functional_call(self.model, {**weights, **buffers, **stats}, (x,))
+            updated = collected or {}
             value = self.loss_fn(out, y)
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             what = describe_leaf(value)
@@ -177,7 +214,7 @@ class MAML:
                 f"`{'forward' if self.forward else 'loss_fn'}` returned {what}. Reduce it "
                 "(e.g. reduction='mean')."
             )
-        return value
+        return value, updated
 
     def inner_step(self, params: Params, batch: Batch, hyper: Any = None) -> Params:
         """One inner step, ``θ - α ∇L(θ; batch)`` for SGD; pure (returns new tensors).
@@ -188,8 +225,12 @@ class MAML:
             >>> new_params = maml.inner_step(params, (x, y))  # doctest: +SKIP
         """
         adapted, frozen = self._split(params)
-        (new, _), _ = self._step((adapted, self.inner_opt.init(adapted)), batch, hyper, frozen)
+        carry = (adapted, self.inner_opt.init(adapted), self._initial_stats())
+        (new, _, _), _ = self._step(carry, batch, hyper, frozen)
         return {name: new.get(name, frozen.get(name)) for name in params}
+
+    def _initial_stats(self) -> dict[str, torch.Tensor]:
+        return running_stats(self.model) if self.bn_stats == "carry" else {}
 
     def _split(self, params: Params) -> tuple[Params, Params]:
         """(adapted, frozen): the parameters the inner loop changes, and the rest."""
@@ -199,17 +240,20 @@ class MAML:
         return adapted, {n: p for n, p in params.items() if n not in self.adapt_only}
 
     def _step(
-        self, carry: tuple[Params, Any], batch: Batch, hyper: Any, frozen: Params
-    ) -> tuple[tuple[Params, Any], torch.Tensor]:
-        """One inner step on the carry ``(adapted params, optimizer state)``."""
-        adapted, state = carry
+        self, carry: tuple[Params, Any, dict], batch: Batch, hyper: Any, frozen: Params
+    ) -> tuple[tuple[Params, Any, dict], torch.Tensor]:
+        """One inner step on the carry ``(adapted params, optimizer state, BN statistics)``."""
+        adapted, state, stats = carry
         if self.max_grad_grad_norm is not None:
             adapted = optim.clip_backward(adapted, self.max_grad_grad_norm)
-        grads, value = grad_and_value(lambda a: self.loss({**frozen, **a}, batch))(adapted)
+        grads, (value, updated) = grad_and_value(
+            lambda a: self._loss_and_stats({**frozen, **a, **stats}, batch), has_aux=True
+        )(adapted)
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
         updates, state = self.inner_opt.update(grads, state, adapted, hyper)
-        return (optim.apply_updates(adapted, updates), state), value.detach()
+        stats = {name: updated.get(name, t) for name, t in stats.items()}
+        return (optim.apply_updates(adapted, updates), state, stats), value.detach()
 
     def _adapt_one(
         self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
@@ -222,13 +266,15 @@ class MAML:
                 plain = {name: p.detach() for name, p in adapted.items()}
                 rest = {name: p.detach() for name, p in frozen.items()}
                 hyper_c = None if hyper is None else optree.tree_map(torch.detach, hyper)
-                new, history = self._unroll(plain, support, k, per_step, hyper_c, rest, "store_all")
+                new, history, stats = self._unroll(
+                    plain, support, k, per_step, hyper_c, rest, "store_all"
+                )
             new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
         else:
-            new, history = self._unroll(
+            new, history, stats = self._unroll(
                 adapted, support, k, per_step, hyper, frozen, self.checkpoint
             )
-        return {name: new.get(name, frozen.get(name)) for name in params}, history
+        return {**{name: new.get(name, frozen.get(name)) for name in params}, **stats}, history
 
     def _unroll(
         self,
@@ -239,10 +285,10 @@ class MAML:
         hyper: Any,
         frozen: Params,
         checkpoint: Any,
-    ) -> tuple[Params, torch.Tensor]:
-        init = (adapted, self.inner_opt.init(adapted))
+    ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
+        init = (adapted, self.inner_opt.init(adapted), self._initial_stats())
         if per_step:
-            (new, _), history = scan(
+            (new, _, stats), history = scan(
                 lambda c, batch, consts: self._step(c, batch, *consts),
                 init,
                 support,
@@ -250,14 +296,14 @@ class MAML:
                 consts=(hyper, frozen),
             )
         else:
-            (new, _), history = scan(
+            (new, _, stats), history = scan(
                 lambda c, _, consts: self._step(c, consts[0], *consts[1:]),
                 init,
                 length=k,
                 checkpoint=checkpoint,
                 consts=(support, hyper, frozen),
             )
-        return new, history
+        return new, history, stats
 
     # ---------------------------------------------------------------------------------------
     # public, batched

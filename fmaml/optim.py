@@ -441,7 +441,7 @@ def adam(
             t = count.to(m.dtype)
             m_hat = m / (1 - b1**t)
             v_hat = v / (1 - b2**t)
-            return -lr * m_hat / (torch.sqrt(v + eps_root) + eps)
+            return -lr * m_hat / (torch.sqrt(v_hat + eps_root) + eps)
 
         return _map(step, mu, nu), AdamState(count, mu, nu)
 

@@ -297,17 +297,18 @@ def test_meta_gradient_any_length_and_snapshots(case, k, snapshots, seed):
     assert_trees_close(_meta_grads(ours, params, hyper), _meta_grads(naive, params, hyper), **TOL)
 
 
-def test_meta_gradient_per_task_under_vmap():
+@pytest.mark.parametrize("case", ["adam", "clip-meta_sgd"])
+def test_meta_gradient_per_task_under_vmap(case):
     """vmap over tasks (the MAML layer's batching) equals a loop over tasks, hyper shared."""
     gen = torch.Generator().manual_seed(2)
     params, loss, _, _ = mlp_problem(gen)
-    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.meta_sgd())
-    hyper = opt.init_hyper(params, 0.2)
+    opt, rate = META_CASES[case]()
+    hyper = None if rate is None else opt.init_hyper(params, rate)
     tasks = [(randn(gen, 3, 6, 3), randn(gen, 3, 6, 2)), (randn(gen, 3, 5, 3), randn(gen, 3, 5, 2))]
 
     def task_grad(support, query):
         meta_loss = scan_meta_loss(opt, loss, support, query, 4, "binomial")
-        return grad(meta_loss, argnums=(0, 1))(params, hyper)
+        return _meta_grads(meta_loss, params, hyper)
 
     batched = vmap(task_grad)(tasks[0], tasks[1])
     for t in range(3):
