@@ -21,7 +21,8 @@ config to :func:`child` with a ``setup(config) -> run`` function. :func:`child`:
    a shared machine), ``baseline_bytes``, and whatever the optional ``report(output)`` returns.
 
 Pass ``memory=False`` to :func:`measure` for runs whose time you report: the fixed mmap
-threshold slows allocation-heavy code down.
+threshold slows allocation-heavy code down. A child that fails (an exception, a kill by the
+out-of-memory killer, a timeout) raises :class:`MeasureError`, whose ``returncode`` tells which.
 """
 
 from __future__ import annotations
@@ -38,11 +39,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "child", "machine", "measure"]
+__all__ = ["ROOT", "MeasureError", "child", "machine", "measure"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _MARK = "BENCHMARK-RESULT "
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+class MeasureError(RuntimeError):
+    """A measured child failed. ``returncode``: its exit status (negative: killed by that signal,
+    e.g. -9 by the out-of-memory killer; None: timed out); ``stderr``: the end of its stderr."""
+
+    def __init__(self, message: str, returncode: int | None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 def measure(
@@ -51,6 +62,7 @@ def measure(
     *,
     memory: bool = True,
     timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` of ``benchmarks.<module>`` in a fresh process; return its result.
 
@@ -66,24 +78,40 @@ def measure(
             slower), so pass ``memory=False`` for a run whose time you report; its
             ``peak_bytes`` then overstates.
         timeout: seconds before the child is killed (None: no limit).
+        env: extra environment variables for the child (e.g. ``{"OMP_NUM_THREADS": "1"}``).
 
     Returns:
-        ``{"peak_bytes", "seconds", "times", "cpu_seconds", "baseline_bytes", "memory", ...}``
+        ``{"peak_bytes", "seconds", "times", "cpu_seconds", "cpu_times", "baseline_bytes",
+        "memory", ...}``
         plus the fields returned by the child's ``report``.
     """
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--child", json.dumps(config)]
-    env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    child_env = dict(os.environ)
+    child_env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    child_env.update(env or {})
     if memory:
-        env.update(_ENV)
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        child_env.update(_ENV)
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise MeasureError(
+            f"measure: benchmarks.{module} timed out after {timeout} s on {config}.", None
+        ) from error
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARK)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(
+        raise MeasureError(
             f"measure: benchmarks.{module} failed on {config} (exit status {proc.returncode}).\n"
-            f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}",
+            proc.returncode,
+            proc.stderr[-4000:],
         )
     return json.loads(lines[-1][len(_MARK) :])
 
@@ -126,6 +154,7 @@ def child(
         "seconds": statistics.median(times),
         "times": times,
         "cpu_seconds": statistics.median(cpu_times),
+        "cpu_times": cpu_times,
         "baseline_bytes": baseline,
         "memory": os.environ.get("MALLOC_MMAP_THRESHOLD_") == _ENV["MALLOC_MMAP_THRESHOLD_"],
     }

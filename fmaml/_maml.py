@@ -65,8 +65,10 @@ class MAML:
         bn_stats: ``"batch"`` (default): BatchNorm normalises with batch statistics and nothing
             is carried. ``"carry"``: each task carries its own BatchNorm running statistics
             through the inner loop, starting from the module's buffers and updated after every
-            inner step by PyTorch's momentum rule (not differentiated); in eval mode the query
-            loss normalises with them, and :meth:`adapt` returns them beside the parameters.
+            inner step by PyTorch's momentum rule (not differentiated) while the module is in
+            train mode; in eval mode (``model.eval()``) BatchNorm normalises with the task's
+            carried statistics and leaves them as they are, as ``torch.nn.BatchNorm`` does.
+            :meth:`adapt` returns them beside the parameters, by buffer name.
             The module's own buffers are never touched.
         max_grad_grad_norm: clip the global norm of the meta-gradient flowing backward into each
             inner step to this value (torch_maml's option of the same name), for very long
