@@ -687,22 +687,21 @@ class _Backward:
     ct_carry: list[torch.Tensor | None]
     ct_ys: list[torch.Tensor | None]
 
-    def _step_fn(self, index: int, carry: Leaves, x: Leaves, consts: Leaves) -> Callable:
-        """The step as a function of its differentiable pieces, for ``torch.func.vjp``."""
-        call = self.static.call
+    def _pieces(self, carry: Leaves) -> tuple[list[int], list[int], list[int]]:
+        """Which leaves of (carry, xs, consts) are differentiated: the vjp's primals."""
         dc = [j for j, t in enumerate(carry) if _differentiable(t)]
         dx = [j for j, need in enumerate(self.need_xs) if need]
         dk = [j for j, need in enumerate(self.need_consts) if need]
+        return dc, dx, dk
+
+    def _step_fn(self, index: int, carry: Leaves, x: Leaves, consts: Leaves) -> Callable:
+        """The step as a function of its differentiable pieces, for ``torch.func.vjp``."""
+        call = self.static.call
+        dc, dx, dk = self._pieces(carry)
 
         def fn(c: Leaves, xd: Leaves, kd: Leaves) -> tuple[Leaves, Leaves]:
-            full_c, full_x, full_k = list(carry), list(x), list(consts)
-            for j, t in zip(dc, c, strict=True):
-                full_c[j] = t
-            for j, t in zip(dx, xd, strict=True):
-                full_x[j] = t
-            for j, t in zip(dk, kd, strict=True):
-                full_k[j] = t
-            new, y = call.step(index, full_c, full_x, full_k)
+            full = _put(carry, dc, c), _put(x, dx, xd), _put(consts, dk, kd)
+            new, y = call.step(index, *full)
             ys = flatten(y)[0]
             return [new[j] for j in dc], [t for t in ys if _differentiable(t)]
 
@@ -763,16 +762,11 @@ class _Backward:
         ]
         with _pulling_back():
             g_c, g_x, g_k = vjp_fn((ct_c_d, ct_y))
-        new_ct: list[torch.Tensor | None] = [None] * call.n_init
-        for j, g in zip(dc, g_c, strict=True):
-            new_ct[j] = g
-        gx: Leaves = [None] * call.n_xs
-        for j, g in zip(dx, g_x, strict=True):
-            gx[j] = g
-        gk: Leaves = [None] * call.n_consts
-        for j, g in zip(dk, g_k, strict=True):
-            gk[j] = g
-        return new_ct, gx, gk
+        return (
+            _scatter(g_c, dc, call.n_init),
+            _scatter(g_x, dx, call.n_xs),
+            _scatter(g_k, dk, call.n_consts),
+        )
 
     def _stack_xs(self, g_steps: list[Leaves | None]) -> Leaves:
         out: Leaves = []
@@ -787,18 +781,11 @@ class _Backward:
     def exact(self) -> tuple[Leaves, Leaves, Leaves]:
         """Differentiate a full recomputation with a graph: exact to any order."""
         static, call = self.static, self.static.call
-        dc = [j for j, t in enumerate(self.init) if _differentiable(t)]
-        dx = [j for j, need in enumerate(self.need_xs) if need]
-        dk = [j for j, need in enumerate(self.need_consts) if need]
+        dc, dx, dk = self._pieces(self.init)
 
         def unroll(c: Leaves, xd: Leaves, kd: Leaves) -> tuple[Leaves, Leaves]:
-            carry, xs, consts = list(self.init), list(self.xs), list(self.consts)
-            for j, t in zip(dc, c, strict=True):
-                carry[j] = t
-            for j, t in zip(dx, xd, strict=True):
-                xs[j] = t
-            for j, t in zip(dk, kd, strict=True):
-                consts[j] = t
+            carry = _put(self.init, dc, c)
+            xs, consts = _put(self.xs, dx, xd), _put(self.consts, dk, kd)
             ys = []
             for i in range(call.length):
                 carry, y = call.call_step(i, carry, xs, consts)
@@ -828,11 +815,16 @@ class _Backward:
         )
 
 
-def _scatter(values: Sequence[Any], where: list[int], n: int) -> Leaves:
-    out: Leaves = [None] * n
+def _put(full: Sequence[Any], where: list[int], values: Sequence[Any]) -> Leaves:
+    """A copy of ``full`` with ``values`` at the positions ``where``."""
+    out = list(full)
     for j, v in zip(where, values, strict=True):
         out[j] = v
     return out
+
+
+def _scatter(values: Sequence[Any], where: list[int], n: int) -> Leaves:
+    return _put([None] * n, where, values)
 
 
 def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
