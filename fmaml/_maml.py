@@ -61,7 +61,8 @@ class MAML:
         checkpoint: the inner loop's checkpoint policy (see :func:`fmaml.scan`).
         first_order: first-order MAML: the inner gradients are constants, so the meta-gradient
             is the query gradient at the adapted parameters; the inner loop then runs without
-            any graph at all.
+            any graph at all (with learned rates, with a graph of the rates only: they get their
+            first-order gradient, ``-Σ_i g_i ⊙ ∇L_query`` for Meta-SGD).
         bn_stats: ``"batch"`` (default): BatchNorm normalises with batch statistics and nothing
             is carried. ``"carry"``: each task carries its own BatchNorm running statistics
             through the inner loop, starting from the module's buffers and updated after every
@@ -226,6 +227,7 @@ class MAML:
         Example:
             >>> new_params = maml.inner_step(params, (x, y))  # doctest: +SKIP
         """
+        self._check_hyper(params, hyper, "inner_step")
         adapted, frozen = self._split(params)
         carry = (adapted, self.inner_opt.init(adapted), self._initial_stats())
         (new, _, _), _ = self._step(carry, batch, hyper, frozen)
@@ -263,13 +265,19 @@ class MAML:
         """``k`` inner steps on one task; returns the adapted params and the (k,) loss history."""
         adapted, frozen = self._split(params)
         if self.first_order:
-            # First-order MAML: θ_k = θ + Δ with Δ constant, so the inner loop needs no graph.
-            with torch.no_grad():
-                plain = {name: p.detach() for name, p in adapted.items()}
-                rest = {name: p.detach() for name, p in frozen.items()}
-                hyper_c = None if hyper is None else optree.tree_map(torch.detach, hyper)
+            # First-order MAML: θ_k = θ + Δ with Δ constant in θ, so the inner loop needs no
+            # graph of the parameters. Learned rates keep theirs: Δ depends on them (the inner
+            # gradients are still constants), as in learn2learn's first-order Meta-SGD.
+            plain = {name: p.detach() for name, p in adapted.items()}
+            rest = {name: p.detach() for name, p in frozen.items()}
+            if hyper is None:
+                with torch.no_grad():
+                    new, history, stats = self._unroll(
+                        plain, support, k, per_step, None, rest, "store_all"
+                    )
+            else:
                 new, history, stats = self._unroll(
-                    plain, support, k, per_step, hyper_c, rest, "store_all"
+                    plain, support, k, per_step, hyper, rest, self.checkpoint
                 )
             new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
         else:
@@ -338,6 +346,7 @@ class MAML:
         """
         self._check_params(params, "adapt")
         self._check_k(k, "adapt")
+        self._check_hyper(params, hyper, "adapt")
         task_dim = 1 if batched else 0
         leaves = _check_batch(
             support, "support", "adapt", min_dim=task_dim + (2 if per_step else 1)
@@ -396,6 +405,7 @@ class MAML:
             >>> meta_grads = torch.func.grad(maml.unrolled_loss)(params, tasks, 5)  # doctest: +SKIP
         """
         n_tasks = self._check_tasks(params, tasks, k, per_step, "unrolled_loss")
+        self._check_hyper(params, hyper, "unrolled_loss")
         total, history = None, []
         for start, stop in self._chunks(n_tasks):
             chunk = _slice_tasks(tasks, start, stop)
@@ -421,6 +431,7 @@ class MAML:
         With ``hyper`` (learned rates) the gradient is the pair ``(params_grad, hyper_grad)``.
         """
         n_tasks = self._check_tasks(params, tasks, k, per_step, "meta_grad")
+        self._check_hyper(params, hyper, "meta_grad")
         total_loss, total_grad = None, None
         for start, stop in self._chunks(n_tasks):
             chunk = _slice_tasks(tasks, start, stop)
@@ -470,15 +481,35 @@ class MAML:
         self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            adapted, history = self._adapt_one(params, support, k, per_step, hyper)
-            return self.loss(adapted, query), history
+            return self._task_loss(params, support, query, k, per_step, hyper)
 
         if self.batching == "loop" or _n_tasks(tasks.support) == 1:
             # a chunk of one task needs no vmap (which would turn convolutions with per-task
             # weights into slower grouped convolutions)
             loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
             return loss[None], history[None]
+        if self.max_grad_grad_norm is not None:
+            own = self._per_task_params(params, _n_tasks(tasks.support))
+            return vmap(
+                lambda a, s, q: self._task_loss({**params, **a}, s, q, k, per_step, hyper),
+                randomness=self.randomness,
+            )(own, tasks.support, tasks.query)
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
+
+    def _task_loss(
+        self, params: Params, support: Batch, query: Batch, k: int, per_step: bool, hyper: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        adapted, history = self._adapt_one(params, support, k, per_step, hyper)
+        return self.loss(adapted, query), history
+
+    def _per_task_params(self, params: Params, n_tasks: int) -> Params:
+        """The adapted parameters with a task dimension (stride-0 views), for a vmap over tasks.
+
+        ``clip_backward`` at the first inner step must see each task's own cotangent; on
+        parameters shared by every task of a vmap it would see (and clip) their sum.
+        """
+        adapted, _ = self._split(params)
+        return {name: p.expand(n_tasks, *p.shape) for name, p in adapted.items()}
 
     def _adapt_tasks(
         self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
@@ -493,6 +524,12 @@ class MAML:
             ]
             adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
             return adapted, torch.stack([h for _, h in parts])
+        if self.max_grad_grad_norm is not None:  # see _per_task_params
+            own = self._per_task_params(params, _n_tasks(support))
+            return vmap(
+                lambda a, s: self._adapt_one({**params, **a}, s, k, per_step, hyper),
+                randomness=self.randomness,
+            )(own, support)
         fn = vmap(
             lambda s: self._adapt_one(params, s, k, per_step, hyper), randomness=self.randomness
         )
@@ -523,6 +560,54 @@ class MAML:
                 raise TypeError(
                     f"MAML.{where}: parameter {name!r} must be a floating-point tensor, got "
                     f"{describe_leaf(p)}."
+                )
+
+    def _check_hyper(self, params: Params, hyper: Any, where: str) -> None:
+        """Learned rates (an ``inner_opt`` with ``init_hyper``) need ``hyper`` shaped as
+        ``inner_opt.init_hyper`` shapes it for the adapted parameters; checked before any step."""
+        init_hyper = getattr(self.inner_opt, "init_hyper", None)
+        if init_hyper is None:
+            return
+        adapted, _ = self._split(params)
+        build = "inner_opt.init_hyper(params, 0.01)"
+        if self.adapt_only is not None:
+            build = (
+                "inner_opt.init_hyper({n: params[n] for n in maml.adapt_only}, 0.01) (the rates "
+                "of the adapted parameters only)"
+            )
+        if hyper is None:
+            raise ValueError(
+                f"MAML.{where}: `inner_opt` has learned rates, so `hyper` is required: pass "
+                f"hyper={build}."
+            )
+        if not isinstance(hyper, dict) or "lr" not in hyper:
+            got = sorted(hyper) if isinstance(hyper, dict) else type(hyper).__name__
+            raise ValueError(
+                f"MAML.{where}: `hyper` must be a dict with the key 'lr', got {got}. Build it "
+                f"with {build}."
+            )
+        want, got = _rate_shapes(self.inner_opt, adapted), hyper["lr"]
+        if want is None:  # a learned-rate transformation of unknown layout: its update checks
+            return
+        if isinstance(want, dict):
+            keys = list(got) if isinstance(got, dict) else []
+            missing = [n for n in want if n not in keys]
+            extra = [n for n in keys if n not in want]
+            if not isinstance(got, dict) or missing or extra:
+                what = "" if isinstance(got, dict) else f" (got {type(got).__name__})"
+                raise ValueError(
+                    f"MAML.{where}: `hyper['lr']` must be a dict with one rate per adapted "
+                    f"parameter{what}: missing {missing}, unexpected {extra}. Build it with "
+                    f"{build}."
+                )
+            pairs = [(f"hyper['lr'][{n!r}]", shape, got[n]) for n, shape in want.items()]
+        else:
+            pairs = [("hyper['lr']", want, got)]
+        for path, shape, rate in pairs:
+            if not isinstance(rate, torch.Tensor) or tuple(rate.shape) != shape:
+                raise ValueError(
+                    f"MAML.{where}: {path} must be a tensor of shape {shape}, got "
+                    f"{describe_leaf(rate)}. Build it with {build}."
                 )
 
     def _check_tasks(
@@ -650,6 +735,18 @@ def _resolve_subset(adapt_only: Sequence[str] | None, names: list[str]) -> froze
             f"{names}."
         )
     return frozenset(chosen)
+
+
+def _rate_shapes(opt: GradientTransformation, adapted: Params) -> Any:
+    """The shapes that ``opt.init_hyper(adapted, ...)["lr"]`` has (``torch.tensor`` in
+    ``init_hyper`` cannot run inside ``torch.func`` transforms, so it is not called here)."""
+    if isinstance(opt, optim._MetaSGD):
+        return {name: tuple(p.shape) for name, p in adapted.items()}
+    if isinstance(opt, optim._PerLayerLR):
+        return {name: () for name in adapted}
+    if isinstance(opt, optim._ScalarLR):
+        return ()
+    return None
 
 
 def reptile_direction(params: Params, adapted: Params) -> Params:
