@@ -723,6 +723,11 @@ def _resolve_subset(adapt_only: Sequence[str] | None, names: list[str]) -> froze
             "MAML: `adapt_only` must be a list of parameter names or module prefixes, e.g. "
             f"['head'] or ['head.weight', 'head.bias'], got {adapt_only!r}."
         )
+    if not adapt_only:
+        raise ValueError(
+            "MAML: `adapt_only` is empty, so the inner loop would adapt nothing; pass None to "
+            "adapt every parameter, or name the parameters to adapt (e.g. ['head'])."
+        )
     chosen, unknown = set(), []
     for item in adapt_only:
         hits = [n for n in names if n == item or n.startswith(item + ".")]

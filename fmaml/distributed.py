@@ -292,17 +292,22 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
         >>> [fmaml.distributed.shard_bounds(7, r, 2) for r in range(2)]
         [(0, 4), (4, 7)]
     """
+    return _bounds(n, rank, world_size, "shard_bounds")
+
+
+def _bounds(n: int, rank: int, world_size: int, where: str) -> tuple[int, int]:
     for name, value in (("n", n), ("rank", rank), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"fmaml.distributed.shard: `{name}` must be an int, got {value!r}.")
+            raise TypeError(f"fmaml.distributed.{where}: `{name}` must be an int, got {value!r}.")
     if world_size < 1:
-        raise ValueError(f"fmaml.distributed.shard: `world_size` must be >= 1, got {world_size}.")
+        raise ValueError(f"fmaml.distributed.{where}: `world_size` must be >= 1, got {world_size}.")
     if not 0 <= rank < world_size:
         raise ValueError(
-            f"fmaml.distributed.shard: `rank` must be in [0, world_size={world_size}), got {rank}."
+            f"fmaml.distributed.{where}: `rank` must be in [0, world_size={world_size}), "
+            f"got {rank}."
         )
     if n < 0:
-        raise ValueError(f"fmaml.distributed.shard: `n` must be >= 0, got {n}.")
+        raise ValueError(f"fmaml.distributed.{where}: `n` must be >= 0, got {n}.")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
@@ -327,7 +332,7 @@ def shard(tasks: Tasks, rank: int, world_size: int) -> Tasks:
         >>> local = fmaml.distributed.shard(tasks, ctx.rank, ctx.world_size)  # doctest: +SKIP
     """
     n = _n_tasks(tasks, "shard")
-    start, stop = shard_bounds(n, rank, world_size)
+    start, stop = _bounds(n, rank, world_size, "shard")
     leaves, spec = flatten(tasks)
     return unflatten(spec, [leaf[start:stop] for leaf in leaves])
 
@@ -424,8 +429,8 @@ def all_reduce_module_grads(
         weight, bucket_bytes, group: as :func:`all_reduce_mean`.
 
     Example:
-        >>> maml.unrolled_loss(dict(model.named_parameters()), ctx.shard(tasks), 5).backward()
-        ... # doctest: +SKIP
+        >>> named = dict(model.named_parameters())  # doctest: +SKIP
+        >>> maml.unrolled_loss(named, ctx.shard(tasks), 5).backward()  # doctest: +SKIP
         >>> fmaml.distributed.all_reduce_module_grads(model, weight=n_local)  # doctest: +SKIP
     """
     if isinstance(module, nn.Module):
@@ -690,7 +695,8 @@ def check_in_sync(
     if drifted:
         first_rank, index = next(iter(drifted.items()))
         name = named[index][0]
-        values = f"Σx {ref[index, 0].item()!r} vs {gathered[first_rank][index, 0].item()!r}"
+        a, b = ref[index].tolist(), gathered[first_rank][index].cpu().tolist()
+        values = f"Σx {a[0]!r} vs {b[0]!r}, Σx² {a[1]!r} vs {b[1]!r}"
         raise RuntimeError(
             f"fmaml.distributed.check_in_sync: the parameters differ across ranks: rank(s) "
             f"{sorted(drifted)} differ from rank 0 (in sync with rank 0: "
@@ -820,9 +826,13 @@ def _fail(exc: Exception) -> None:
             first = store.compare_set(_FAILED_KEY, "", mine).decode()
         except Exception:  # the store's host may be gone already
             first = mine
+    if first == mine:
+        why = f"{type(exc).__name__}: {exc}"[:300]
+    else:
+        why = f"{first.split(':', 1)[0]} failed first"
     print(
-        f"fmaml.distributed: rank {rank} of {world} stopping ({mine.split(': ', 1)[1][:300]}); "
-        "aborting the process group so that the other ranks stop too.",
+        f"fmaml.distributed: rank {rank} of {world} stopping ({why}); aborting the process "
+        "group so that the other ranks stop too.",
         file=sys.stderr,
         flush=True,
     )
@@ -891,8 +901,8 @@ def distributed_meta_grad(
         ``(meta-loss, meta-gradient)``, identical on every rank.
 
     Example:
-        >>> loss, grads = fmaml.distributed.distributed_meta_grad(maml, params, tasks, 5, ctx)
-        ... # doctest: +SKIP
+        >>> dmg = fmaml.distributed.distributed_meta_grad
+        >>> loss, grads = dmg(maml, params, tasks, 5, ctx)  # doctest: +SKIP
     """
     n_tasks = _n_tasks(tasks, "distributed_meta_grad")
     if ctx is None:

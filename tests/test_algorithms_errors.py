@@ -322,3 +322,9 @@ def test_imaml_cg_failure_reports_residual_and_iterations():
         fmaml.imaml_grad(maml.loss, params, phi, support, query, lam=0.1, cg_steps=2)
     _, info = fmaml.imaml_grad(maml.loss, params, phi, support, query, lam=0.1, cg_steps=20)
     assert info.converged  # with enough iterations
+
+
+def test_adapt_only_empty_is_rejected():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"`adapt_only` is empty, so the inner loop would adapt"):
+        fmaml.MAML(model, torch.nn.functional.mse_loss, adapt_only=[])
