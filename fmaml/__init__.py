@@ -4,7 +4,7 @@ The heart is :func:`scan`, ``jax.lax.scan`` with checkpointed gradients (optimal
 schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and plain autograd.
 """
 
-from fmaml import optim
+from fmaml import data, optim
 from fmaml._functional import params
 from fmaml._imaml import IMAMLInfo, imaml_adapt, imaml_grad
 from fmaml._maml import MAML, reptile_direction
@@ -26,6 +26,7 @@ __all__ = [
     "Uniform",
     "binomial_cost",
     "binomial_plan",
+    "data",
     "imaml_adapt",
     "imaml_grad",
     "optim",
