@@ -29,13 +29,16 @@ the same script runs both ways::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import importlib
 import inspect
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,11 +56,13 @@ __all__ = [
     "Context",
     "all_reduce_mean",
     "all_reduce_module_grads",
+    "any_rank",
     "broadcast_params",
     "check_in_sync",
     "check_same_config",
     "distributed_meta_grad",
     "fail_together",
+    "gather_shards",
     "setup",
     "shard",
     "shard_bounds",
@@ -68,6 +73,8 @@ __all__ = [
 BUCKET_BYTES = 25 * 2**20
 #: The store key under which the first rank to fail leaves its error for the others.
 _FAILED_KEY = "fmaml/failed"
+#: How long a rank stopped by another's failure waits before raising (see :func:`fail_together`).
+_GRACE_S = 1.0
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -192,6 +199,7 @@ def setup(
         )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    _import_dynamo()
     kwargs: dict[str, Any] = {}
     if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         kwargs["device_id"] = dev  # eager NCCL init: a bad GPU fails here, not mid-training
@@ -204,6 +212,18 @@ def setup(
         **kwargs,
     )
     return Context(rank, world_size, local_rank, dev, dist.get_backend())
+
+
+def _import_dynamo() -> None:
+    """Import ``torch._dynamo`` before the process group exists.
+
+    ``torch.func`` imports it lazily on first use. Imported while a group exists, it keeps
+    references to the group (seen with torch 2.13). The group then outlives
+    ``destroy_process_group``, and at interpreter exit its gloo threads abort the process
+    ("terminate called without an active exception", exit status -6).
+    """
+    with contextlib.suppress(ImportError):  # builds without dynamo
+        importlib.import_module("torch._dynamo")
 
 
 def teardown() -> None:
@@ -379,8 +399,8 @@ def all_reduce_mean(
     the previous one. Then every bucket is awaited, divided by ``Σ_r w_r`` and unpacked.
 
     Every rank must pass the same names, shapes and dtypes in the same order (as the same model
-    gives), or the collectives do not line up. Without a process group (one process) the
-    values come back as they are.
+    gives), or the collectives do not line up. Half-precision buckets are summed in their own
+    precision. Without a process group (one process) the values come back as they are.
 
     Args:
         grads: ``{name: tensor}`` of floating-point tensors, e.g. from ``torch.func.grad``.
@@ -779,6 +799,59 @@ def check_same_config(config: Mapping[str, Any], *, group: Any = None) -> None:
     )
 
 
+def any_rank(flag: object, *, group: Any = None) -> bool:
+    """Whether ``flag`` is true on any rank: a decision every rank takes together.
+
+    Use it for whatever can differ between ranks and must not: a signal that reached only some
+    of them, a wall-clock time budget (each rank reads its own clock), a file that appeared.
+    If one rank stopped alone, the others would wait in their next collective until the
+    timeout. One tiny all-reduce (max); ``bool(flag)`` in a single process.
+
+    Example:
+        >>> if fmaml.distributed.any_rank(elapsed >= budget):  # doctest: +SKIP
+        ...     break  # every rank leaves the loop at the same iteration
+    """
+    mine = bool(flag)
+    if _world(group) == 1:
+        return mine
+    t = torch.tensor([int(mine)], dtype=torch.int32, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def gather_shards(local: torch.Tensor, n: int, *, group: Any = None) -> torch.Tensor:
+    """The ``(n, ...)`` per-task results of all ranks, in task order: the inverse of :func:`shard`.
+
+    Rank ``r`` passes its results for the tasks ``start:stop`` of ``shard_bounds(n, r, N)``
+    (leading size ``stop - start``, possibly 0; the same trailing shape and dtype on every
+    rank); every rank gets all ``n`` in task order. For sharded evaluations that need every
+    task's value (a confidence interval), not just the mean (:func:`all_reduce_mean`). One
+    all-gather of the largest share, padded. ``local`` itself in a single process.
+
+    Example:
+        >>> losses = evaluate_each(params, ctx.shard(eval_tasks))  # doctest: +SKIP
+        >>> losses = fmaml.distributed.gather_shards(losses, n_eval)  # doctest: +SKIP
+    """
+    world = _world(group)
+    rank = dist.get_rank(group) if world > 1 else 0
+    start, stop = _bounds(n, rank, world, "gather_shards")
+    if not isinstance(local, torch.Tensor) or local.dim() == 0 or local.shape[0] != stop - start:
+        raise ValueError(
+            f"fmaml.distributed.gather_shards: rank {rank} of {world} holds tasks {start}:{stop} "
+            f"of n={n}, so `local` needs a leading size of {stop - start}; got "
+            f"{describe_leaf(local)}."
+        )
+    if world == 1 or n == 0:
+        return local
+    bounds = [_bounds(n, r, world, "gather_shards") for r in range(world)]
+    size = bounds[0][1] - bounds[0][0]  # the first share is the largest
+    padded = local.new_zeros((size, *local.shape[1:]))
+    padded[: stop - start] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[: b - a] for part, (a, b) in zip(parts, bounds, strict=True)])
+
+
 # --------------------------------------------------------------------------------------------
 # failing together
 
@@ -790,9 +863,11 @@ def fail_together() -> Iterator[None]:
     The failing rank records ``"rank R: ExcType: message"`` in the process group's store,
     aborts the process group and re-raises. Aborting closes its connections, so the other ranks
     fail at once in their next (or current) collective instead of waiting for the timeout;
-    in *their* ``fail_together`` they read the store and raise ``RuntimeError("... rank 0 of 2
-    stopped because rank 1 failed: ValueError: ...")`` from the collective's error, and abort
-    too. Without a process group it only re-raises. ``with setup() as ctx:`` does the same.
+    in *their* ``fail_together`` they read the store, abort too, wait one second and raise
+    ``RuntimeError("... rank 0 of 2 stopped because rank 1 failed: ValueError: ...")`` from the
+    collective's error. The wait lets the launcher see the failing rank exit first, so that
+    torchrun's summary names it as the root cause (it terminates the waiting ranks). Without a
+    process group it only re-raises. ``with setup() as ctx:`` does the same.
 
     The other mechanisms, which need no cooperation from the failing rank: torchrun (and
     ``torch.multiprocessing.spawn``) terminate the remaining ranks as soon as one exits with an
@@ -844,6 +919,9 @@ def _fail(exc: Exception) -> None:
     except Exception:
         pass
     if first != mine:
+        # Let the launcher see the failing rank exit first: torchrun names the first failure it
+        # observes as the root cause, and terminates this rank during the wait.
+        time.sleep(_GRACE_S)
         raise RuntimeError(
             f"fmaml.distributed: rank {rank} of {world} stopped because {first.split(':', 1)[0]}"
             f" failed: {first.split(': ', 1)[1]}"
