@@ -1,0 +1,1117 @@
+"""The benchmark suite: fmaml against the established MAML libraries, memory and time.
+
+    bash scripts/dev python -m benchmarks.suite              # full grid (about an hour on 2 cores)
+    bash scripts/dev python -m benchmarks.suite --quick      # reduced grid (a few minutes)
+    bash scripts/dev python -m benchmarks.suite --only B     # one workload, merged into the CSV
+    bash scripts/dev python -m benchmarks.suite --render     # tables and plots from the CSV
+    bash scripts/dev python -m benchmarks.maml_profile A 100 "fmaml auto"   # where time goes
+
+Workloads (``benchmarks/_workloads.py``): A, long inner loops (conv4, one 5-way task, k = 1 to
+400); B, typical MAML (16 tasks of 5-way 1-shot, k = 5, median of several meta-steps); C,
+scaling (a lighter conv4, one task, k = 10 to 10,000). Libraries (``benchmarks/_peers.py``):
+fmaml under each checkpoint policy and batching, a plain ``torch.func`` unroll, higher,
+torch_maml, torchopt, and learn2learn when it imports.
+
+Protocol. Every configuration (workload, k, library and options) runs twice, each time in a fresh
+process (``benchmarks/_memory.py``) with one torch thread:
+
+1. the *memory* run, started with ``MALLOC_MMAP_THRESHOLD_=65536``: build, warm up, reset the
+   resident-set high-water mark, one meta-gradient; ``VmHWM - VmRSS`` (after the reset) is the
+   peak. Its meta-gradient is saved and compared with fmaml ``store_all``'s (relative error
+   ``||g - g_ref|| / ||g_ref||``);
+2. the *time* run, without that variable (the fixed threshold slows allocation-heavy code):
+   build, warm up, the median wall time (``time.perf_counter``) and CPU time
+   (``time.process_time``) of ``repeats`` meta-gradients.
+
+The warm-up is one meta-gradient with ``min(k, 3)`` inner steps for A and C (a full one would
+double the cost of long loops) and one full meta-step for B. A configuration whose peak,
+extrapolated linearly from its own largest measured ``k``, would exceed ``--cap-gb`` (8 GB) is
+skipped and marked so. Ratios are only taken between numbers from the same run of a workload.
+
+Writes ``results.csv``, ``results.md`` and PNG plots to ``--out`` (``docs/benchmarks``; with
+``--quick``, ``build/benchmarks-quick``) and prints the targets as PASS/FAIL lines.
+
+``--device cuda`` runs every child on the GPU and measures ``torch.cuda.max_memory_allocated``
+above the allocation after warm-up, with synchronised timing. It is untested (no GPU here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks._memory import ROOT, MeasureError, child, machine, measure
+
+MIB = 2**20
+GIB = 2**30
+AGREEMENT_TOL = 1e-3  # float32 relative error above which a library "disagrees"
+
+
+# --------------------------------------------------------------------------------------------
+# what runs
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One library configuration of a workload."""
+
+    label: str
+    library: str
+    options: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False  # fmaml store_all: the meta-gradient the others are compared with
+    max_k: int | None = None  # not run beyond this k (time)
+
+    @property
+    def family(self) -> str:
+        return "fmaml" if self.library == "fmaml" else "peer"
+
+
+def _tm(every: int | None) -> Entry:
+    label = (
+        "torch_maml, ckpt every ceil(sqrt(k))" if every is None else "torch_maml, ckpt every step"
+    )
+    return Entry(label, "torch_maml", {"checkpoint_steps": every})
+
+
+def entries_a() -> list[Entry]:
+    return [
+        Entry("fmaml store_all", "fmaml", {"policy": "store_all"}, reference=True),
+        Entry("fmaml sqrt", "fmaml", {"policy": "sqrt"}),
+        Entry("fmaml binomial", "fmaml", {"policy": "binomial"}),
+        Entry("fmaml auto", "fmaml", {"policy": "auto"}),
+        Entry("fmaml auto, loop", "fmaml", {"policy": "auto", "batching": "loop"}),
+        Entry("torch.func unroll", "torch.func", {"batching": "loop"}),
+        Entry("higher", "higher"),
+        _tm(None),
+        _tm(1),
+        Entry("torchopt MetaSGD", "torchopt"),
+        Entry("learn2learn", "learn2learn"),
+    ]
+
+
+def entries_b() -> list[Entry]:
+    out = []
+    for policy in ("store_all", "auto"):
+        for name, opts in (
+            ("vmap", {"batching": "vmap"}),
+            ("vmap chunk 4", {"batching": "vmap", "task_chunk": 4}),
+            ("loop", {"batching": "loop"}),
+        ):
+            out.append(
+                Entry(
+                    f"fmaml {policy}, {name}",
+                    "fmaml",
+                    {"policy": policy, **opts},
+                    reference=(policy, name) == ("store_all", "vmap"),
+                )
+            )
+    return [
+        *out,
+        Entry("torch.func, vmap", "torch.func", {"batching": "vmap"}),
+        Entry("torch.func, loop", "torch.func", {"batching": "loop"}),
+        Entry("higher", "higher"),
+        _tm(None),
+        _tm(1),
+        Entry("torchopt MetaSGD", "torchopt"),
+        Entry("learn2learn", "learn2learn"),
+    ]
+
+
+def entries_c(peer_max_k: int) -> list[Entry]:
+    peers = [
+        Entry("torch.func unroll", "torch.func", {"batching": "loop"}),
+        Entry("higher", "higher"),
+        _tm(None),
+        _tm(1),
+        Entry("torchopt MetaSGD", "torchopt"),
+        Entry("learn2learn", "learn2learn"),
+    ]
+    return [
+        Entry("fmaml auto", "fmaml", {"policy": "auto"}),
+        Entry(
+            "fmaml store_all", "fmaml", {"policy": "store_all"}, reference=True, max_k=peer_max_k
+        ),
+        *[replace(e, max_k=peer_max_k) for e in peers],
+    ]
+
+
+@dataclass
+class Grid:
+    a_ks: list[int]
+    b_repeats: int
+    c_ks: list[int]
+    c_peer_max_k: int
+    c_extrapolate_from: int | None = None  # fmaml: extrapolate beyond this k instead of running
+
+
+FULL = Grid(
+    a_ks=[1, 10, 25, 50, 100, 200, 400],
+    b_repeats=5,
+    c_ks=[10, 100, 1000, 3000, 10000],
+    c_peer_max_k=3000,
+)
+QUICK = Grid(a_ks=[1, 10, 25], b_repeats=2, c_ks=[10, 100], c_peer_max_k=100)
+
+
+def repeats_for(workload: str, k: int, grid: Grid) -> int:
+    if workload == "B":
+        return grid.b_repeats
+    if k <= 10:
+        return 5
+    return 3 if (workload == "A" and k <= 50) or (workload == "C" and k <= 100) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# the child: one configuration
+
+
+def setup(config: dict[str, Any]) -> Callable[[], Any]:
+    import torch
+
+    from benchmarks._peers import make
+    from benchmarks._workloads import build
+
+    torch.manual_seed(0)
+    wl = build(config["workload"], int(config["k"]), device=config.get("device", "cpu"))
+    warm_k = config.get("warmup_k")
+    if warm_k:
+        warm = make(config["library"], replace(wl, k=int(warm_k)), **config["options"])
+        warm()
+        del warm
+    return make(config["library"], wl, **config["options"])
+
+
+def report(config: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
+    def save(output: Any) -> dict[str, Any]:
+        import torch
+
+        loss, grads = output
+        if config.get("save"):
+            torch.save({n: g.detach().cpu() for n, g in grads.items()}, config["save"])
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+        return {"loss": float(loss), "grad_norm": norm}
+
+    return save
+
+
+# --------------------------------------------------------------------------------------------
+# the parent: run the grid
+
+
+COLUMNS = [
+    "workload",
+    "k",
+    "label",
+    "library",
+    "options",
+    "status",
+    "note",
+    "peak_mib",
+    "mem_run_wall_s",
+    "wall_s",
+    "cpu_s",
+    "wall_times",
+    "cpu_times",
+    "repeats",
+    "loss",
+    "grad_norm",
+    "rel_err",
+    "reference",
+    "snapshots",
+    "evals_per_step",
+    "device",
+    "measured",
+    "load",
+    "fmaml_source",
+]
+
+
+def fmaml_source() -> str:
+    """A short hash of fmaml's Python sources: which library version a row measured (the
+    library is edited while the suite runs)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for path in sorted((ROOT / "fmaml").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def _plan_info(entry: Entry, workload: str, k: int) -> tuple[str, str]:
+    """Snapshots and step evaluations per step of an fmaml configuration, from the planner."""
+    if entry.library != "fmaml":
+        return "", ""
+    from benchmarks._workloads import WORKLOADS, conv4
+    from fmaml._policy import resolve_policy
+
+    spec = WORKLOADS[workload]
+    carry = sum(p.numel() * 4 for p in conv4(spec.filters, spec.ways).parameters())
+    if entry.options.get("batching", "vmap") == "vmap":
+        carry *= entry.options.get("task_chunk") or spec.tasks
+    policy = resolve_policy(entry.options.get("policy", "auto"))
+    if policy.stores_all(k):
+        return "all graphs", "1.00"
+    plan = policy.plan(k, carry)
+    evals = 2 * k + plan.evaluations - (k - 1)
+    return str(plan.snapshots), f"{evals / k:.2f}"
+
+
+def _skip(entry: Entry, workload: str, k: int, note: str, device: str) -> dict[str, Any]:
+    return {
+        "workload": workload,
+        "k": k,
+        "label": entry.label,
+        "library": entry.library,
+        "options": json.dumps(entry.options),
+        "status": "skipped",
+        "note": note,
+        "device": device,
+    }
+
+
+def run_workload(
+    workload: str,
+    ks: Sequence[int],
+    entries: Sequence[Entry],
+    args: argparse.Namespace,
+    grid: Grid,
+) -> list[dict[str, Any]]:
+    import torch
+
+    from benchmarks._peers import available, relative_error
+
+    rows: list[dict[str, Any]] = []
+    last: dict[str, tuple[int, float]] = {}  # label -> (k, peak bytes) of the largest measured k
+    dead: dict[str, str] = {}  # label -> why larger k are skipped
+    importable = {e.library: available(e.library) for e in entries}
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            grads: dict[str, Any] = {}
+            k_rows: list[dict[str, Any]] = []
+            for entry in entries:
+                if not importable[entry.library]:
+                    if k == ks[0]:
+                        rows.append(_skip(entry, workload, k, "not importable", args.device))
+                    continue
+                if entry.max_k is not None and k > entry.max_k:
+                    k_rows.append(_skip(entry, workload, k, f"k > {entry.max_k}", args.device))
+                    continue
+                if entry.label in dead:
+                    k_rows.append(_skip(entry, workload, k, dead[entry.label], args.device))
+                    continue
+                if entry.label in last:
+                    k0, peak0 = last[entry.label]
+                    estimate = peak0 * k / k0
+                    if estimate > args.cap_gb * 1e9:
+                        note = f"extrapolated peak {estimate / 1e9:.1f} GB > {args.cap_gb:g} GB cap"
+                        dead[entry.label] = note
+                        k_rows.append(_skip(entry, workload, k, note, args.device))
+                        continue
+                row = _measure_one(entry, workload, k, args, grid, tmp)
+                k_rows.append(row)
+                if row["status"] == "ok":
+                    last[entry.label] = (k, row["peak_mib"] * MIB)
+                    grads[entry.label] = row.pop("_grads")
+                else:
+                    dead[entry.label] = f"failed at k={k}"
+                _progress(row, start)
+            ref_label = next(
+                (e.label for e in entries if e.reference and e.label in grads),
+                next((e.label for e in entries if e.library == "fmaml" and e.label in grads), None),
+            )
+            if ref_label is not None:
+                ref = torch.load(grads[ref_label])
+                for row in k_rows:
+                    if row["label"] in grads:
+                        row["rel_err"] = relative_error(torch.load(grads[row["label"]]), ref)
+                        row["reference"] = ref_label
+                        flag = "" if row["rel_err"] <= AGREEMENT_TOL else "   <-- DISAGREES"
+                        print(
+                            f"    agreement {workload} k={k} {row['label']:<40} "
+                            f"rel err {row['rel_err']:.1e} vs {ref_label}{flag}",
+                            flush=True,
+                        )
+            rows.extend(k_rows)
+    return rows
+
+
+def _measure_one(
+    entry: Entry, workload: str, k: int, args: argparse.Namespace, grid: Grid, tmp: str
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "workload": workload,
+        "k": k,
+        "library": entry.library,
+        "options": entry.options,
+        "threads": args.threads,
+        "device": args.device,
+    }
+    if workload == "B":
+        config["warmup"] = 1
+    else:
+        config["warmup"] = 0
+        config["warmup_k"] = min(k, 3)
+    path = str(Path(tmp) / f"{workload}-{k}-{entry.label.replace(' ', '_')}.pt")
+    snapshots, evals = _plan_info(entry, workload, k)
+    row: dict[str, Any] = {
+        "workload": workload,
+        "k": k,
+        "label": entry.label,
+        "library": entry.library,
+        "options": json.dumps(entry.options),
+        "snapshots": snapshots,
+        "evals_per_step": evals,
+        "device": args.device,
+        "measured": datetime.datetime.now().isoformat(timespec="seconds"),
+        "fmaml_source": fmaml_source(),
+    }
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    repeats = repeats_for(workload, k, grid)
+    load = os.getloadavg()[0]
+    try:
+        if args.quick:  # one process: times from the memory-mode run (inflated, development only)
+            mem = timed = measure(
+                "suite", {**config, "repeats": repeats, "save": path}, timeout=args.timeout, env=env
+            )
+        else:
+            mem = measure(
+                "suite", {**config, "repeats": 1, "save": path}, timeout=args.timeout, env=env
+            )
+            timed = measure(
+                "suite", {**config, "repeats": repeats}, memory=False, timeout=args.timeout, env=env
+            )
+    except MeasureError as error:
+        why = "timed out" if error.returncode is None else f"exit status {error.returncode}"
+        if error.returncode == -9:
+            why += " (killed: out of memory?)"
+        print(f"  FAILED {workload} k={k} {entry.label}: {why}\n{error.stderr[-1500:]}", flush=True)
+        return {**row, "status": "failed", "note": why}
+    return {
+        **row,
+        "status": "ok",
+        "note": "",
+        "peak_mib": mem["peak_bytes"] / MIB,
+        "mem_run_wall_s": mem["seconds"],
+        "wall_s": timed["seconds"],
+        "cpu_s": timed["cpu_seconds"],
+        "wall_times": json.dumps([round(t, 4) for t in timed["times"]]),
+        "cpu_times": json.dumps([round(t, 4) for t in timed["cpu_times"]]),
+        "repeats": repeats,
+        "load": round((load + os.getloadavg()[0]) / 2, 2),
+        "loss": mem["loss"],
+        "grad_norm": mem["grad_norm"],
+        "_grads": path,
+    }
+
+
+def _progress(row: dict[str, Any], start: float) -> None:
+    elapsed = time.time() - start
+    if row["status"] != "ok":
+        print(
+            f"  [{elapsed:6.0f}s] {row['workload']} k={row['k']:<6} {row['label']:<40} "
+            f"{row['status']}: {row['note']}",
+            flush=True,
+        )
+        return
+    print(
+        f"  [{elapsed:6.0f}s] {row['workload']} k={row['k']:<6} {row['label']:<40} "
+        f"peak {row['peak_mib']:9.1f} MiB  wall {row['wall_s']:8.3f} s  CPU {row['cpu_s']:8.3f} s",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CSV in and out
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _csv_value(row.get(c)) for c in COLUMNS})
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    numeric = {
+        "peak_mib",
+        "mem_run_wall_s",
+        "wall_s",
+        "cpu_s",
+        "loss",
+        "grad_norm",
+        "rel_err",
+        "load",
+    }
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for key, value in raw.items():
+                if value == "":
+                    row[key] = None
+                elif key in numeric:
+                    row[key] = float(value)
+                elif key in ("k", "repeats"):
+                    row[key] = int(value)
+                else:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# analysis: lookups, extrapolation, targets
+
+
+class Results:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def get(self, workload: str, k: int, label: str) -> dict[str, Any] | None:
+        for row in self.rows:
+            if (row["workload"], row["k"], row["label"]) == (workload, k, label):
+                return row if row["status"] == "ok" else None
+        return None
+
+    def labels(self, workload: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            if row["workload"] == workload:
+                seen.setdefault(row["label"])
+        return list(seen)
+
+    def ks(self, workload: str) -> list[int]:
+        return sorted({row["k"] for row in self.rows if row["workload"] == workload})
+
+    def series(self, workload: str, label: str) -> list[dict[str, Any]]:
+        return sorted(
+            (
+                r
+                for r in self.rows
+                if r["workload"] == workload and r["label"] == label and r["status"] == "ok"
+            ),
+            key=lambda r: r["k"],
+        )
+
+    def note(self, workload: str, label: str) -> str | None:
+        for row in self.rows:
+            if row["workload"] == workload and row["label"] == label and row["status"] != "ok":
+                return row["note"]
+        return None
+
+
+def largest_k_within(points: list[tuple[int, float]], limit: float) -> tuple[float, str]:
+    """The largest ``k`` whose peak stays within ``limit``, from measured ``(k, peak)`` points.
+
+    Inside the measured range: linear interpolation between the bracketing points. Beyond it: a
+    power law ``peak = c * k**a`` through the two largest measured points (``a`` about 1 for
+    store-everything libraries, 1/2 for sqrt checkpointing, 0 when the peak stops growing).
+    """
+    points = sorted(points)
+    for (k0, p0), (k1, p1) in itertools.pairwise(points):
+        if p0 <= limit < p1:
+            return k0 + (k1 - k0) * (limit - p0) / (p1 - p0), "interpolated"
+    if points[0][1] > limit:
+        return 0.0, "exceeds the limit at the smallest k"
+    if len(points) < 2:
+        return float("nan"), "one point"
+    (k0, p0), (k1, p1) = points[-2], points[-1]
+    a = math.log(p1 / p0) / math.log(k1 / k0) if p0 > 0 and p1 > 0 else 0.0
+    if a < 0.05:
+        return math.inf, f"extrapolated: peak flat beyond k={k1:,} (exponent {a:.2f})"
+    return k1 * (limit / p1) ** (1 / a), f"extrapolated (peak ~ k^{a:.2f})"
+
+
+@dataclass
+class Target:
+    name: str
+    passed: bool | None  # None: not measured
+    detail: str
+
+    def line(self) -> str:
+        word = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+        return f"{word}  {self.name}: {self.detail}"
+
+
+def targets(res: Results) -> list[Target]:
+    out = []
+    a100, a400 = 100, 400
+    auto = res.get("A", a100, "fmaml auto")
+    higher = res.get("A", a100, "higher")
+    tms = [r for r in (res.get("A", a100, _tm(None).label), res.get("A", a100, _tm(1).label)) if r]
+    l2l = res.get("A", a100, "learn2learn")
+    l2l_name = "learn2learn" if l2l else "higher (stand-in for learn2learn)"
+    l2l = l2l or higher
+    if auto and l2l:
+        ratio = auto["peak_mib"] / l2l["peak_mib"]
+        out.append(
+            Target(
+                f"A k=100 peak: fmaml auto <= 1/20 of {l2l_name}",
+                ratio <= 1 / 20,
+                f"{auto['peak_mib']:.1f} MiB vs {l2l['peak_mib']:.1f} MiB = 1/{1 / ratio:.1f}",
+            )
+        )
+    else:
+        out.append(Target("A k=100 peak: fmaml auto <= 1/20 of learn2learn", None, "not measured"))
+    if auto and tms:
+        best = min(tms, key=lambda r: r["peak_mib"])
+        ratio = auto["peak_mib"] / best["peak_mib"]
+        out.append(
+            Target(
+                "A k=100 peak: fmaml auto <= 1/2 of torch_maml's best",
+                ratio <= 0.5,
+                f"{auto['peak_mib']:.1f} MiB vs {best['peak_mib']:.1f} MiB "
+                f"({best['label']}) = {ratio:.2f}x",
+            )
+        )
+    else:
+        out.append(
+            Target("A k=100 peak: fmaml auto <= 1/2 of torch_maml's best", None, "not measured")
+        )
+    if auto and higher:
+        cpu = auto["cpu_s"] / higher["cpu_s"]
+        wall = auto["wall_s"] / higher["wall_s"]
+        out.append(
+            Target(
+                "A k=100 time: fmaml auto <= 1.3x higher (CPU time)",
+                cpu <= 1.3,
+                f"CPU {auto['cpu_s']:.2f} s vs {higher['cpu_s']:.2f} s = {cpu:.2f}x "
+                f"(wall {auto['wall_s']:.2f} s vs {higher['wall_s']:.2f} s = "
+                f"{wall:.2f}x)",
+            )
+        )
+    else:
+        out.append(Target("A k=100 time: fmaml auto <= 1.3x higher", None, "not measured"))
+    auto400 = res.get("A", a400, "fmaml auto")
+    if auto and auto400:
+        ratio = auto400["peak_mib"] / auto["peak_mib"]
+        out.append(
+            Target(
+                "A k=400 peak: fmaml auto <= 1.5x its own k=100 peak",
+                ratio <= 1.5,
+                f"{auto400['peak_mib']:.1f} MiB vs {auto['peak_mib']:.1f} MiB = {ratio:.2f}x",
+            )
+        )
+    else:
+        out.append(Target("A k=400 peak: fmaml auto <= 1.5x its k=100 peak", None, "not measured"))
+    b_rows = [r for r in res.rows if r["workload"] == "B" and r["status"] == "ok"]
+    peers = [r for r in b_rows if r["library"] != "fmaml"]
+    mine = [r for r in b_rows if r["library"] == "fmaml"]
+    store_all = [r for r in mine if json.loads(r["options"]).get("policy") == "store_all"]
+    if peers and mine:
+        best_peer = min(peers, key=lambda r: r["cpu_s"])
+        for name, pool, bound in (
+            ("fastest mode", mine, 1.0),
+            ("fastest store_all", store_all, 1.1),
+        ):
+            best = min(pool, key=lambda r: r["cpu_s"])
+            cpu = best["cpu_s"] / best_peer["cpu_s"]
+            wall = best["wall_s"] / min(peers, key=lambda r: r["wall_s"])["wall_s"]
+            out.append(
+                Target(
+                    f"B: fmaml {name} <= {bound}x the fastest peer (CPU time)",
+                    cpu <= bound,
+                    f"{best['label']} {best['cpu_s']:.3f} s vs {best_peer['label']} "
+                    f"{best_peer['cpu_s']:.3f} s = {cpu:.2f}x (wall, fastest vs "
+                    f"fastest: {wall:.2f}x)",
+                )
+            )
+    else:
+        out.append(Target("B: fmaml vs the fastest peer", None, "not measured"))
+    c = res.series("C", "fmaml auto")
+    c10k = res.get("C", 10000, "fmaml auto")
+    if c10k:
+        out.append(
+            Target(
+                "C: fmaml auto reaches k=10,000 inside 1 GiB (measured)",
+                c10k["peak_mib"] * MIB <= GIB,
+                f"peak {c10k['peak_mib']:.1f} MiB at k=10,000, CPU "
+                f"{c10k['cpu_s']:.0f} s, wall {c10k['wall_s']:.0f} s",
+            )
+        )
+    elif len(c) >= 2:
+        k_max, how = largest_k_within([(r["k"], r["peak_mib"] * MIB) for r in c], GIB)
+        out.append(
+            Target(
+                "C: fmaml auto reaches k=10,000 inside 1 GiB (EXTRAPOLATED)",
+                k_max >= 10000,
+                f"largest k within 1 GiB {_fmt_k(k_max)}, {how}",
+            )
+        )
+    else:
+        out.append(Target("C: fmaml auto reaches k=10,000 inside 1 GiB", None, "not measured"))
+    return out
+
+
+def _fmt_k(k: float) -> str:
+    if math.isinf(k):
+        return "unbounded"
+    if math.isnan(k):
+        return "?"
+    return f"{k:,.0f}"
+
+
+# --------------------------------------------------------------------------------------------
+# markdown
+
+
+def _cell(row: dict[str, Any] | None, key: str, fmt: str) -> str:
+    return "-" if row is None or row.get(key) is None else format(row[key], fmt)
+
+
+def _grid_table(res: Results, workload: str, key: str, fmt: str, what: str) -> str:
+    ks = res.ks(workload)
+    lines = [
+        f"| {what} | " + " | ".join(f"k={k:,}" for k in ks) + " |",
+        "| --- | " + " | ".join("---:" for _ in ks) + " |",
+    ]
+    for label in res.labels(workload):
+        if not res.series(workload, label):
+            continue
+        cells = []
+        for k in ks:
+            row = res.get(workload, k, label)
+            cells.append(_cell(row, key, fmt) if row else _skipped_mark(res, workload, k, label))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _skipped_mark(res: Results, workload: str, k: int, label: str) -> str:
+    for row in res.rows:
+        if (row["workload"], row["k"], row["label"]) == (workload, k, label):
+            return "failed" if row["status"] == "failed" else "skipped"
+    return "-"
+
+
+def _missing(res: Results, workload: str) -> list[str]:
+    out = []
+    for label in res.labels(workload):
+        notes = sorted(
+            {
+                f"k={r['k']:,}: {r['note']}"
+                for r in res.rows
+                if r["workload"] == workload and r["label"] == label and r["status"] != "ok"
+            },
+            key=lambda s: int(s.split(":")[0][2:].replace(",", "")),
+        )
+        if notes:
+            shown = notes if len(notes) <= 3 else [notes[0], "...", notes[-1]]
+            out.append(f"- {label}: " + "; ".join(shown))
+    return out
+
+
+def _agreement(res: Results, workload: str) -> str:
+    parts = []
+    for label in res.labels(workload):
+        errs = [r["rel_err"] for r in res.series(workload, label) if r.get("rel_err") is not None]
+        if errs:
+            flag = "" if max(errs) <= AGREEMENT_TOL else " **(disagrees)**"
+            parts.append(f"{label} {max(errs):.1e}{flag}")
+    return "; ".join(parts)
+
+
+def detail_table(res: Results, workload: str, k: int, base: str) -> str:
+    ref = res.get(workload, k, base)
+    lines = [
+        f"| library (k={k:,}) | peak MiB | peak vs {base} | CPU s | CPU vs {base} | wall s "
+        f"| wall vs {base} | snapshots | step evaluations per step | rel. error vs store_all |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label in res.labels(workload):
+        row = res.get(workload, k, label)
+        if row is None:
+            continue
+
+        def ratio(key: str, row: dict[str, Any] = row) -> str:
+            return f"{row[key] / ref[key]:.3f}" if ref and ref.get(key) else "-"
+
+        lines.append(
+            f"| {label} | {row['peak_mib']:.1f} | {ratio('peak_mib')} | {row['cpu_s']:.2f} | "
+            f"{ratio('cpu_s')} | {row['wall_s']:.2f} | {ratio('wall_s')} | "
+            f"{row.get('snapshots') or '-'} | {row.get('evals_per_step') or '-'} | "
+            f"{_cell(row, 'rel_err', '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+def b_table(res: Results) -> str:
+    rows = [r for r in res.rows if r["workload"] == "B" and r["status"] == "ok"]
+    if not rows:
+        return "(not measured)"
+    peers = [r for r in rows if r["library"] != "fmaml"]
+    best_cpu = min(peers, key=lambda r: r["cpu_s"]) if peers else None
+    best_wall = min(peers, key=lambda r: r["wall_s"]) if peers else None
+    lines = [
+        "| configuration | median CPU s | CPU vs fastest peer | median wall s | wall vs fastest "
+        "peer | peak MiB | snapshots | step evaluations per step | rel. error vs store_all |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        cpu = f"{r['cpu_s'] / best_cpu['cpu_s']:.2f}" if best_cpu else "-"
+        wall = f"{r['wall_s'] / best_wall['wall_s']:.2f}" if best_wall else "-"
+        lines.append(
+            f"| {r['label']} | {r['cpu_s']:.3f} | {cpu} | {r['wall_s']:.3f} | {wall} | "
+            f"{r['peak_mib']:.1f} | {r.get('snapshots') or '-'} | {r.get('evals_per_step') or '-'} "
+            f"| {_cell(r, 'rel_err', '.1e')} |"
+        )
+    if best_cpu:
+        lines.append("")
+        lines.append(
+            f"Fastest peer: {best_cpu['label']} (CPU), {best_wall['label']} (wall). Median of "
+            f"{rows[0]['repeats']} meta-steps after one warm-up meta-step."
+        )
+    return "\n".join(lines)
+
+
+def c_limit_table(res: Results) -> str:
+    lines = [
+        "| library | largest measured k | its peak MiB | largest k within 1 GiB | how |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for label in res.labels("C"):
+        series = res.series("C", label)
+        if not series:
+            continue
+        points = [(r["k"], r["peak_mib"] * MIB) for r in series]
+        k_max, how = largest_k_within(points, GIB)
+        if how == "interpolated":
+            how = "interpolated between measured points"
+        last = series[-1]
+        shown = _fmt_k(k_max)
+        if math.isinf(k_max):
+            shown = f"> {last['k']:,} (memory flat)"
+        lines.append(f"| {label} | {last['k']:,} | {last['peak_mib']:.1f} | {shown} | {how} |")
+    return "\n".join(lines)
+
+
+def _provenance(res: Results, workload: str) -> str:
+    rows = [r for r in res.rows if r["workload"] == workload and r["status"] == "ok"]
+    if not rows:
+        return ""
+    times = sorted(r["measured"] for r in rows if r.get("measured"))
+    loads = [r["load"] for r in rows if r.get("load") is not None]
+    sources = sorted({r["fmaml_source"] for r in rows if r.get("fmaml_source")})
+    parts = []
+    if times:
+        parts.append(f"measured {times[0].replace('T', ' ')} to {times[-1].replace('T', ' ')}")
+    if loads:
+        parts.append(f"load average {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores")
+    if sources:
+        parts.append(f"fmaml sources {', '.join(sources)}")
+    return "Provenance: " + "; ".join(parts) + "." if parts else ""
+
+
+def markdown(res: Results, meta: dict[str, str], target_list: list[Target]) -> str:
+    from benchmarks._workloads import describe
+
+    out = [
+        "# fmaml benchmark suite: results",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']}.",
+        "",
+        f"Machine: {meta['machine']}; {meta['threads']} torch thread(s) per process; device "
+        f"{meta['device']}.",
+        "",
+        "Peak: resident-set high-water mark above the baseline after warm-up, one meta-gradient, "
+        "fresh process with `MALLOC_MMAP_THRESHOLD_=65536`. Time: a second fresh process "
+        "without it; median wall and CPU time (`time.process_time`). MiB = 2^20 bytes. "
+        "Relative error: `||g - g_store_all|| / ||g_store_all||` (float32).",
+        "",
+        "## Targets",
+        "",
+        "```",
+        *[t.line() for t in target_list],
+        "```",
+    ]
+    if any(r["workload"] == "A" for r in res.rows):
+        out += [
+            "",
+            "## A: long inner loops",
+            "",
+            f"Workload: {describe('A')}.",
+            "",
+            _provenance(res, "A"),
+            "",
+            "Peak memory, MiB above baseline:",
+            "",
+            _grid_table(res, "A", "peak_mib", ".1f", "library"),
+            "",
+            "CPU time of one meta-gradient, s:",
+            "",
+            _grid_table(res, "A", "cpu_s", ".2f", "library"),
+            "",
+            "Wall time of one meta-gradient, s:",
+            "",
+            _grid_table(res, "A", "wall_s", ".2f", "library"),
+            "",
+        ]
+        k_detail = 100 if res.get("A", 100, "higher") else max(res.ks("A"))
+        out += [detail_table(res, "A", k_detail, "higher"), ""]
+        if res.get("A", 400, "fmaml auto"):
+            out += [detail_table(res, "A", 400, "fmaml store_all"), ""]
+        out += [
+            "Not measured: ",
+            "",
+            *_missing(res, "A"),
+            "",
+            f"Largest relative error over k: {_agreement(res, 'A')}.",
+            "",
+            "![A: peak memory and time vs k](a_scaling.png)",
+        ]
+    if any(r["workload"] == "B" for r in res.rows):
+        out += [
+            "",
+            "## B: typical MAML (16 tasks, 5-way 1-shot, k=5)",
+            "",
+            f"Workload: {describe('B')}.",
+            "",
+            _provenance(res, "B"),
+            "",
+            b_table(res),
+            "",
+            *_missing(res, "B"),
+            "",
+            "![B: meta-step time](b_times.png)",
+        ]
+    if any(r["workload"] == "C" for r in res.rows):
+        out += [
+            "",
+            "## C: scaling to long inner loops",
+            "",
+            f"Workload: {describe('C')}.",
+            "",
+            _provenance(res, "C"),
+            "",
+            "Peak memory, MiB above baseline:",
+            "",
+            _grid_table(res, "C", "peak_mib", ".1f", "library"),
+            "",
+            "CPU time of one meta-gradient, s:",
+            "",
+            _grid_table(res, "C", "cpu_s", ".2f", "library"),
+            "",
+            "Wall time of one meta-gradient, s:",
+            "",
+            _grid_table(res, "C", "wall_s", ".2f", "library"),
+            "",
+            "Largest k whose meta-gradient fits in 1 GiB (peak above baseline):",
+            "",
+            c_limit_table(res),
+            "",
+            *_missing(res, "C"),
+            "",
+            f"Largest relative error over k: {_agreement(res, 'C')}.",
+            "",
+            "![C: peak memory and time vs k](c_scaling.png)",
+        ]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+
+_STYLE = {
+    "fmaml store_all": ("tab:blue", ":", "o"),
+    "fmaml sqrt": ("tab:cyan", "--", "s"),
+    "fmaml binomial": ("tab:purple", "--", "D"),
+    "fmaml auto": ("tab:blue", "-", "o"),
+    "fmaml auto, loop": ("navy", "-.", "x"),
+    "torch.func unroll": ("tab:gray", "-", "v"),
+    "higher": ("tab:red", "-", "^"),
+    "torch_maml, ckpt every ceil(sqrt(k))": ("tab:orange", "-", "<"),
+    "torch_maml, ckpt every step": ("tab:brown", "-", ">"),
+    "torchopt MetaSGD": ("tab:green", "-", "P"),
+    "learn2learn": ("tab:pink", "-", "*"),
+}
+
+
+def plot_scaling(res: Results, workload: str, path: Path, limit_gib: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for label in res.labels(workload):
+        series = res.series(workload, label)
+        if not series:
+            continue
+        color, ls, marker = _STYLE.get(label, (None, "-", "o"))
+        ks = [r["k"] for r in series]
+        kw = {"color": color, "linestyle": ls, "marker": marker, "label": label, "markersize": 4}
+        ax_mem.plot(ks, [max(r["peak_mib"], 0.1) for r in series], **kw)
+        ax_time.plot(ks, [r["cpu_s"] for r in series], **kw)
+    if limit_gib:
+        ax_mem.axhline(limit_gib * 1024, color="black", lw=0.8, ls="--")
+        ax_mem.text(ax_mem.get_xlim()[0] * 1.1, limit_gib * 1024 * 1.1, "1 GiB", fontsize=8)
+    for ax, what in ((ax_mem, "peak memory above baseline (MiB)"), (ax_time, "CPU time (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("inner steps k")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_mem.set_title(f"Workload {workload}: peak memory of one meta-gradient")
+    ax_time.set_title(f"Workload {workload}: time of one meta-gradient")
+    ax_time.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_b(res: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res.rows if r["workload"] == "B" and r["status"] == "ok"]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ys = range(len(rows))
+    colors = ["tab:blue" if r["library"] == "fmaml" else "tab:red" for r in rows]
+    ax.barh(list(ys), [r["cpu_s"] for r in rows], color=colors, alpha=0.8, label="CPU time")
+    ax.scatter(
+        [r["wall_s"] for r in rows],
+        list(ys),
+        color="black",
+        marker="|",
+        s=120,
+        label="wall time",
+        zorder=3,
+    )
+    ax.set_yticks(list(ys), [r["label"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median meta-step time (s), 16 tasks, k=5")
+    ax.set_title("Workload B: typical MAML meta-step (blue: fmaml, red: peers)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="reduced grid, a few minutes")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["A", "B", "C"],
+        help="run these workloads and merge them into the existing results.csv",
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="no runs: tables and plots from the existing results.csv",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: docs/benchmarks; with --quick: build/benchmarks-quick)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--cap-gb",
+        type=float,
+        default=8.0,
+        help="skip configurations whose extrapolated peak exceeds this (default 8 GB)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per child, seconds")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (untested)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / ("build/benchmarks-quick" if args.quick else "docs/benchmarks")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        config = json.loads(args.child)
+        child(config, setup, report(config))
+        return 0
+    csv_path = args.out / "results.csv"
+    grid = QUICK if args.quick else FULL
+    rows: list[dict[str, Any]] = []
+    if args.render or args.only:
+        rows = read_csv(csv_path) if csv_path.exists() else []
+    if not args.render:
+        workloads = args.only or ["B", "A", "C"]
+        rows = [r for r in rows if r["workload"] not in workloads]
+        print(
+            f"benchmarks.suite: {'quick' if args.quick else 'full'} grid, workloads "
+            f"{', '.join(workloads)}; {machine()}; {args.threads} thread(s)",
+            flush=True,
+        )
+        began = time.time()
+        for workload in workloads:
+            print(f"workload {workload}", flush=True)
+            if workload == "A":
+                new = run_workload("A", grid.a_ks, entries_a(), args, grid)
+            elif workload == "B":
+                new = run_workload("B", [5], entries_b(), args, grid)
+            else:
+                new = run_workload("C", grid.c_ks, entries_c(grid.c_peer_max_k), args, grid)
+            rows += new
+            write_csv(rows, csv_path)  # after every workload: a crash keeps what was measured
+        print(f"benchmarks.suite: measured in {(time.time() - began) / 60:.1f} min", flush=True)
+    res = Results(rows)
+    target_list = targets(res)
+    meta = {
+        "command": "bash scripts/dev python -m benchmarks.suite"
+        + (" --quick" if args.quick else "")
+        + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "threads": str(args.threads),
+        "device": args.device,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(markdown(res, meta, target_list))
+    if res.series("A", "fmaml auto"):
+        plot_scaling(res, "A", args.out / "a_scaling.png", None)
+    plot_b(res, args.out / "b_times.png")
+    if res.series("C", "fmaml auto"):
+        plot_scaling(res, "C", args.out / "c_scaling.png", 1.0)
+    print()
+    for t in target_list:
+        print(t.line())
+    print(f"\nwrote {csv_path}, results.md and plots in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
