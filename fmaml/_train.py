@@ -542,15 +542,7 @@ def train(
                 elapsed = base_elapsed + time.perf_counter() - wall0
                 cpu_time = base_cpu + time.process_time() - cpu0
                 if it % log_every == 0:
-                    record = {
-                        "iteration": it,
-                        "meta_loss": window[0] / window[1],
-                        "time": round(elapsed, 4),
-                        "cpu_time": round(cpu_time, 4),
-                    }
-                    records.append(record)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    _log_window(log, records, it, window, elapsed, cpu_time)
                     window = [0.0, 0]
                 if it % save_every == 0:
                     save(it)
@@ -558,15 +550,7 @@ def train(
             if window[1]:
                 # The last, partial logging window. It stays open in the state: a resumed run
                 # drops this record and carries on with the window, as if never stopped.
-                record = {
-                    "iteration": it,
-                    "meta_loss": window[0] / window[1],
-                    "time": round(elapsed, 4),
-                    "cpu_time": round(cpu_time, 4),
-                }
-                records.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                _log_window(log, records, it, window, elapsed, cpu_time)
             if saved_at[0] != it or window[1]:
                 save(it)
     finally:
@@ -596,3 +580,18 @@ def _as_tuple(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_as_tuple(v) for v in value)
     return value
+
+
+def _log_window(
+    log: Any, records: list[dict], it: int, window: list, elapsed: float, cpu_time: float
+) -> None:
+    """Append the mean meta-loss of the logging window ending at ``it`` to the metrics."""
+    record = {
+        "iteration": it,
+        "meta_loss": window[0] / window[1],
+        "time": round(elapsed, 4),
+        "cpu_time": round(cpu_time, 4),
+    }
+    records.append(record)
+    log.write(json.dumps(record) + "\n")
+    log.flush()

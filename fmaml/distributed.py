@@ -587,6 +587,18 @@ def _check_bucket_bytes(bucket_bytes: object, where: str) -> None:
 # keeping the ranks identical
 
 
+def _named_tensors(params: Any, owner: str) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a parameter dict, or of a module's parameters and buffers."""
+    if isinstance(params, nn.Module):
+        return [*params.named_parameters(), *params.named_buffers()]
+    if isinstance(params, Mapping):
+        return list(params.items())
+    raise TypeError(
+        f"fmaml.distributed.{owner}: `params` must be a dict {{name: tensor}} or a "
+        f"torch.nn.Module, got {type(params).__name__}."
+    )
+
+
 def broadcast_params(
     params: Mapping[str, torch.Tensor] | nn.Module,
     src: int = 0,
@@ -609,15 +621,7 @@ def broadcast_params(
     Returns:
         ``params``, now identical on every rank.
     """
-    if isinstance(params, nn.Module):
-        named = [*params.named_parameters(), *params.named_buffers()]
-    elif isinstance(params, Mapping):
-        named = list(params.items())
-    else:
-        raise TypeError(
-            "fmaml.distributed.broadcast_params: `params` must be a dict {name: tensor} or a "
-            f"torch.nn.Module, got {type(params).__name__}."
-        )
+    named = _named_tensors(params, "broadcast_params")
     _check_bucket_bytes(bucket_bytes, "broadcast_params")
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -670,15 +674,7 @@ def check_in_sync(
         >>> if step % 100 == 0:  # doctest: +SKIP
         ...     fmaml.distributed.check_in_sync(params)
     """
-    if isinstance(params, nn.Module):
-        named = [*params.named_parameters(), *params.named_buffers()]
-    elif isinstance(params, Mapping):
-        named = list(params.items())
-    else:
-        raise TypeError(
-            "fmaml.distributed.check_in_sync: `params` must be a dict {name: tensor} or a "
-            f"torch.nn.Module, got {type(params).__name__}."
-        )
+    named = _named_tensors(params, "check_in_sync")
     if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
         raise ValueError(f"fmaml.distributed.check_in_sync: `atol` must be >= 0, got {atol!r}.")
     world = _world(group)
