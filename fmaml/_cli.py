@@ -14,6 +14,7 @@ incompatible ``--resume``); 1 a failure while training (a non-finite loss, a fai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from fmaml import __version__
+from fmaml import __version__, distributed
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform, resolve_policy
 from fmaml._train import RunStopped, load_state, plot_training_curve, train, write_json
 
@@ -379,19 +380,102 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``fmaml train TASK``: returns the exit status; errors are one line on stderr."""
+    """``fmaml train TASK``: returns the exit status; errors are one line on stderr.
+
+    Under ``torchrun --nproc-per-node=N`` the same command trains data-parallel: every rank
+    checks that it was started with the same options, rank 0 prepares the run directory, the
+    ranks share each meta-batch (:func:`fmaml.distributed.distributed_meta_grad`) and the
+    evaluation, and only rank 0 prints and writes. An error every rank shares is printed once.
+    """
     prog = f"fmaml train {args.task}"
     threads = torch.get_num_threads()
+    main = True
     try:
-        return _train(args)
+        device = _requested_device(args)
+        cuda = device.startswith("cuda")
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        with distributed.setup(
+            backend=None if cuda else "gloo", device=None if cuda and torchrun else device
+        ) as ctx:
+            main = ctx.is_main
+            try:
+                return _train(args, ctx)
+            except (CLIError, RunStopped) as e:
+                if ctx.world_size > 1 and not getattr(e, "shared", True):
+                    # this rank alone failed (a save): stop the others too (see fail_together)
+                    _print_error(prog, e)
+                    distributed._fail(e)
+                elif main:  # the same on every rank: print it once, no need to abort
+                    _print_error(prog, e)
+                return e.status
     except CLIError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.status
-    except RunStopped as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        if main:
+            _print_error(prog, e)
         return e.status
     finally:
         torch.set_num_threads(threads)
+
+
+def _print_error(prog: str, e: CLIError | RunStopped) -> None:
+    label = "error: " if isinstance(e, CLIError) else ""
+    print(f"{prog}: {label}{e}", file=sys.stderr)
+
+
+def _requested_device(args: argparse.Namespace) -> str:
+    """The device the run will use (given, or a resumed run's, or the default), checked."""
+    device = getattr(args, "device", None)
+    resume = getattr(args, "resume", None)
+    if device is None and resume is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            device = json.loads((Path(resume) / "config.json").read_text()).get("device")
+    device = device if isinstance(device, str) else _defaults(args.task)["device"]
+    _check_device(device)
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError(
+            f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
+            "pass --device cuda"
+        )
+    return device
+
+
+def _together(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raises :class:`CLIError` on any, the same error on all."""
+    try:
+        value, error = fn(), None
+    except CLIError as e:
+        value, error = None, e
+    if ctx.world_size == 1:
+        if error is not None:
+            raise error
+        return value
+    errors: list[Any] = [None] * ctx.world_size
+    mine = None if error is None else (str(error), error.status)
+    torch.distributed.all_gather_object(errors, mine)
+    bad = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if bad:
+        messages = {m for _, (m, _) in bad}
+        if len(messages) == 1 and len(bad) == ctx.world_size:
+            text = bad[0][1][0]
+        else:
+            text = "; ".join(f"rank {rank}: {m}" for rank, (m, _) in bad)
+        raise CLIError(text, bad[0][1][1])
+    return value
+
+
+def _on_main(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; every rank gets its result, or raises its :class:`CLIError`."""
+    if ctx.world_size == 1:
+        return fn()
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except CLIError as e:
+            box[0] = ("error", str(e), e.status)
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise CLIError(box[0][1], box[0][2])
+    return box[0][1]
 
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
@@ -501,7 +585,12 @@ def _new_run_dir(task: str, out: str | None) -> Path:
 
 
 def _check(config: dict[str, Any]) -> None:
-    device = config["device"]
+    _check_device(config["device"])
+    if config["task"] == "omniglot" and not config.get("data_dir"):
+        raise CLIError("--data-dir is required: the folder with the Omniglot zips")
+
+
+def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CLIError(
@@ -513,8 +602,6 @@ def _check(config: dict[str, Any]) -> None:
             raise CLIError(
                 f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0"
             )
-    if config["task"] == "omniglot" and not config.get("data_dir"):
-        raise CLIError("--data-dir is required: the folder with the Omniglot zips")
 
 
 def _make_job(config: dict[str, Any], state: dict[str, Any] | None) -> Any:
@@ -541,23 +628,38 @@ def _make_job(config: dict[str, Any], state: dict[str, Any] | None) -> Any:
     return OmniglotJob(config, data)
 
 
-def _train(args: argparse.Namespace) -> int:
-    config, state, run_dir = _resolve(args)
-    _check(config)
+def _train(args: argparse.Namespace, ctx: distributed.Context) -> int:
+    try:
+        distributed.check_same_config({k: v for k, v in vars(args).items() if k != "run"})
+    except ValueError as e:
+        raise CLIError(str(e).replace("fmaml.distributed.check_same_config: ", "")) from e
+
+    def prepare() -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+        config, state, run_dir = _resolve(args)
+        _check(config)
+        return config, state, run_dir
+
+    # rank 0 picks the run directory (and reads a resumed state) for every rank
+    config, state, run_dir = _on_main(ctx, prepare)
     policy = parse_policy(config["checkpoint"])
     torch.set_num_threads(config["threads"])
-    job = _make_job(config, state)
-    quiet = config.pop("quiet")
+    job = _together(ctx, lambda: _make_job(config, state))
+    quiet = config.pop("quiet") or not ctx.is_main
     # all checks passed: only now is anything written
     resumed = state is not None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=resumed)
-    except OSError as e:
-        raise CLIError(
-            f"cannot create the run directory {run_dir} ({e}); pass another --out"
-        ) from e
-    config.update(_provenance(config, run_dir, job, resumed))
-    write_json(run_dir / "config.json", config)
+
+    def create() -> dict[str, Any]:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=resumed)
+        except OSError as e:
+            raise CLIError(
+                f"cannot create the run directory {run_dir} ({e}); pass another --out"
+            ) from e
+        config.update(_provenance(config, run_dir, job, resumed, ctx.world_size))
+        write_json(run_dir / "config.json", config)
+        return config
+
+    config = _on_main(ctx, create)
     if not quiet:
         start = f", resuming at iteration {state['iteration']}" if resumed else ""
         limit = _limit(config)
@@ -565,21 +667,28 @@ def _train(args: argparse.Namespace) -> int:
         print(
             f"  {limit}, checkpoint {config['checkpoint']}, batching {config['batching']}, "
             f"{config['threads']} thread(s), {config['device']}{start}"
+            + (f", {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else "")
         )
         print(f"  run directory: {run_dir}", flush=True)
     try:
-        result, model, params = train(job, run_dir, policy=policy, resume=state, quiet=quiet)
-    except OSError as e:  # a failed save: the previous state.pt is intact
-        raise RunStopped(
+        result, model, params = train(
+            job, run_dir, policy=policy, resume=state, quiet=quiet, ctx=ctx
+        )
+    except OSError as e:  # a failed save (rank 0 only): the previous state.pt is intact
+        stopped = RunStopped(
             f"error: cannot write to the run directory ({e}); free space or fix permissions, "
             f"then continue with: fmaml train {config['task']} --resume {run_dir}",
             1,
-        ) from e
+        )
+        stopped.shared = False
+        raise stopped from e
     if not quiet:
         print("evaluating ...", file=sys.stderr, flush=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    evaluation = job.evaluate(model, params)
+    evaluation = job.evaluate(model, params)  # sharded over the ranks
     eval_wall, eval_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if not ctx.is_main:
+        return 0
     report = {
         "task": config["task"],
         "iterations": result.iteration,
@@ -621,11 +730,15 @@ def _limit(config: dict[str, Any]) -> str:
     return " or ".join(parts)
 
 
-def _provenance(config: dict[str, Any], run_dir: Path, job: Any, resumed: bool) -> dict[str, Any]:
+def _provenance(
+    config: dict[str, Any], run_dir: Path, job: Any, resumed: bool, processes: int
+) -> dict[str, Any]:
     model = job.build_model()
     now = datetime.datetime.now().isoformat(timespec="seconds")
     history = list(config.get("history", []))
-    history.append({"started": now, "resumed": resumed, "argv": sys.argv[1:]})
+    history.append(
+        {"started": now, "resumed": resumed, "argv": sys.argv[1:], "processes": processes}
+    )
     return {
         "model": " ".join(repr(model).split()),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -18,9 +18,10 @@ from typing import Any
 import optree
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from fmaml import optim
+from fmaml._autodiff import grad_and_value_any
 from fmaml._functional import (
     batch_norm_in_plain_ops,
     collect_running_stats,
@@ -250,9 +251,11 @@ class MAML:
         adapted, state, stats = carry
         if self.max_grad_grad_norm is not None:
             adapted = optim.clip_backward(adapted, self.max_grad_grad_norm)
-        grads, (value, updated) = grad_and_value(
-            lambda a: self._loss_and_stats({**frozen, **a, **stats}, batch), has_aux=True
-        )(adapted)
+        grads, (value, updated) = grad_and_value_any(
+            lambda a: self._loss_and_stats({**frozen, **a, **stats}, batch),
+            (adapted,),
+            context=(frozen, stats, batch),
+        )
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
         updates, state = self.inner_opt.update(grads, state, adapted, hyper)
@@ -445,7 +448,9 @@ class MAML:
                 return losses.sum() / n_tasks
 
             argnums = 0 if hyper is None else (0, 1)
-            g, value = grad_and_value(chunk_loss, argnums=argnums)(params, hyper)
+            g, (value, _) = grad_and_value_any(
+                lambda p, h, f=chunk_loss: (f(p, h), None), (params, hyper), argnums, context=chunk
+            )
             total_loss = value if total_loss is None else total_loss + value
             total_grad = g if total_grad is None else optree.tree_map(torch.add, total_grad, g)
         if self.check_finite:

@@ -30,6 +30,7 @@ from torch._C._functorch import (
 from torch._functorch.pyfunctorch import coerce_cinterpreter
 
 from fmaml import _schedule as sch
+from fmaml._autodiff import transforms_active, vjp_plain
 from fmaml._policy import Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
@@ -753,20 +754,40 @@ class _Backward:
         call = self.static.call
         x = call.x_at(self.xs, i)
         fn, primals, dc, dx, dk = self._step_fn(i, carry, x, self.consts)
-        with _pulling_back():
-            (out_c, out_y), vjp_fn = torch.func.vjp(fn, *primals)
-        ct_c_d = [_zero_if_none(ct_c[j], o) for j, o in zip(dc, out_c, strict=True)]
         ys_d = [g for g, f in zip(self.ct_ys, self.static.y_float, strict=True) if f]
-        ct_y = [
-            _zero_if_none(None if g is None else g[i], o) for g, o in zip(ys_d, out_y, strict=True)
-        ]
-        with _pulling_back():
-            g_c, g_x, g_k = vjp_fn((ct_c_d, ct_y))
+        if not transforms_active():
+            # plain autograd records the step once (its inner torch.autograd.grad then builds
+            # the double-backward graph without functorch's wrappers; see fmaml._autodiff)
+            with _pulling_back():
+                g_c, g_x, g_k = vjp_plain(
+                    fn, primals, lambda out_c, out_y: self._cts(i, dc, ct_c, ys_d, out_c, out_y)
+                )
+        else:
+            with _pulling_back():
+                (out_c, out_y), vjp_fn = torch.func.vjp(fn, *primals)
+            with _pulling_back():
+                g_c, g_x, g_k = vjp_fn(self._cts(i, dc, ct_c, ys_d, out_c, out_y))
         return (
             _scatter(g_c, dc, call.n_init),
             _scatter(g_x, dx, call.n_xs),
             _scatter(g_k, dk, call.n_consts),
         )
+
+    @staticmethod
+    def _cts(
+        i: int,
+        dc: list[int],
+        ct_c: list[torch.Tensor | None],
+        ys_d: list[torch.Tensor | None],
+        out_c: Leaves,
+        out_y: Leaves,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The cotangents of step ``i``'s differentiable outputs (zeros where none came)."""
+        ct_c_d = [_zero_if_none(ct_c[j], o) for j, o in zip(dc, out_c, strict=True)]
+        ct_y = [
+            _zero_if_none(None if g is None else g[i], o) for g, o in zip(ys_d, out_y, strict=True)
+        ]
+        return ct_c_d, ct_y
 
     def _stack_xs(self, g_steps: list[Leaves | None]) -> Leaves:
         out: Leaves = []

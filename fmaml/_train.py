@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import vmap
 
 import fmaml
+from fmaml import distributed
 from fmaml._typing import Params, Tasks
 
 __all__ = [
@@ -88,6 +89,8 @@ class RunStopped(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+        #: whether every rank of a torchrun job stopped the same way (False: this rank alone)
+        self.shared = True
 
 
 @dataclass
@@ -223,17 +226,25 @@ def evaluate_steps(
         return torch.stack([out[k] for k in steps])
 
     n_tasks = tasks.query[0].shape[0]
+    # under torchrun each rank evaluates its share of the tasks; all of them get every value
+    world = distributed._world()
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    first, last = distributed.shard_bounds(n_tasks, rank, world)
     parts = []
     size = 1 if maml.batching == "loop" else chunk
-    for start in range(0, n_tasks, size):
-        stop = min(start + size, n_tasks)
+    for start in range(first, last, size):
+        stop = min(start + size, last)
         sup = _slice(tasks.support, start, stop)
         qry = _slice(tasks.query, start, stop)
         if maml.batching == "loop":
             parts.append(one(_slice(sup, 0, None, True), _slice(qry, 0, None, True))[None])
         else:
             parts.append(vmap(one, randomness="different")(sup, qry))
-    return torch.cat(parts).detach()
+    if not parts:  # a rank without tasks (fewer tasks than ranks)
+        like = next(iter(params.values()))
+        parts.append(like.new_empty(0, len(steps)))
+    local = torch.cat(parts).detach()
+    return distributed.gather_shards(local, n_tasks) if world > 1 else local
 
 
 def _slice(tree: Any, start: int, stop: int | None, index: bool = False) -> Any:
@@ -432,6 +443,7 @@ def train(
     resume: dict[str, Any] | None,
     quiet: bool,
     stream: TextIO | None = None,
+    ctx: distributed.Context | None = None,
 ) -> tuple[TrainResult, nn.Module, Params]:
     """Meta-train ``job`` in ``run_dir`` (from scratch, or from the ``resume`` state).
 
@@ -439,11 +451,20 @@ def train(
     ``save_every`` iterations and at the end. Raises :class:`RunStopped` on a signal (after
     saving) or a non-finite meta-loss (without saving).
 
+    Under ``torchrun`` (``ctx`` from :func:`fmaml.distributed.setup`) every rank draws the same
+    meta-batch, computes the meta-gradient of its share and the ranks average them
+    (:func:`fmaml.distributed.distributed_meta_grad`): the same update as one process with the
+    whole meta-batch. Stop decisions (time budget, signals) are taken by all ranks together;
+    only rank 0 writes files and draws the progress line; the parameters are checked to be
+    identical on every rank at each save.
+
     Returns:
         ``(result, model, params)``: the model skeleton and the trained meta-parameters.
     """
     cfg = job.config
-    device = torch.device(cfg["device"])
+    ctx = ctx if ctx is not None else distributed.Context(device=torch.device(cfg["device"]))
+    main = ctx.is_main
+    device = ctx.device
     gen = torch.Generator()  # tasks are drawn on the CPU: the same tasks on any device
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -463,12 +484,15 @@ def train(
         gen.set_state(resume["task_rng"])
         elapsed, cpu_time = float(resume["elapsed"]), float(resume["cpu_time"])
         window = [float(resume["window"][0]), int(resume["window"][1])]
+    distributed.broadcast_params(params)  # identical by construction; now by fiat as well
     # records up to the saved iteration, without a partial window's (it goes on from the state)
-    records = [
-        r for r in read_metrics(metrics_path, start) if r["iteration"] % cfg["log_every"] == 0
-    ]
-    atomic_write(metrics_path, _jsonl(records))
-    atomic_write(run_dir / "metrics.csv", _csv(records))
+    records = []
+    if main:
+        records = [
+            r for r in read_metrics(metrics_path, start) if r["iteration"] % cfg["log_every"] == 0
+        ]
+        atomic_write(metrics_path, _jsonl(records))
+        atomic_write(run_dir / "metrics.csv", _csv(records))
 
     maml = fmaml.MAML(
         model,
@@ -481,12 +505,15 @@ def train(
     total = cfg["iterations"]
     budget = None if cfg["time_budget"] is None else 60.0 * cfg["time_budget"]
     save_every, log_every = cfg["save_every"], cfg["log_every"]
-    progress = Progress(total, budget, start, enabled=not quiet, stream=stream)
+    progress = Progress(total, budget, start, enabled=main and not quiet, stream=stream)
 
     saved_at = [-1]
 
     def save(iteration: int) -> None:
         saved_at[0] = iteration
+        distributed.check_in_sync(params)  # raises on every rank if they have drifted apart
+        if not main:
+            return
         state = {
             "format": STATE_FORMAT,
             "iteration": iteration,
@@ -506,25 +533,29 @@ def train(
     if resume is None:
         save(0)  # a run killed before its first periodic save can still be resumed
     it, last_loss, stopped_by = start, math.nan, "iterations"
-    log = metrics_path.open("a")
+    log = metrics_path.open("a") if main else io.StringIO()
     try:
         with _stop_on_signals() as received:
             wall0, cpu0 = time.perf_counter(), time.process_time()
             base_elapsed, base_cpu = elapsed, cpu_time
             while total is None or it < total:
-                if budget is not None and elapsed >= budget:
+                # each rank reads its own clock and receives its own signals: decide together
+                if distributed.any_rank(budget is not None and elapsed >= budget):
                     stopped_by = "time budget"
                     break
-                if received:
+                if distributed.any_rank(received):
                     save(it)
-                    name = signal.Signals(received[0]).name
+                    signum = received[0] if received else signal.SIGTERM
+                    name = signal.Signals(signum).name
                     raise RunStopped(
                         f"stopped by {name} at iteration {it}; state saved. Continue with: "
                         f"fmaml train {cfg['task']} --resume {run_dir}",
-                        130 if received[0] == signal.SIGINT else 143,
+                        130 if signum == signal.SIGINT else 143,
                     )
                 tasks = _to_device(job.sample(gen), device)
-                loss, grads = maml.meta_grad(params, tasks, cfg["inner_steps"])
+                loss, grads = distributed.distributed_meta_grad(
+                    maml, params, tasks, cfg["inner_steps"], ctx
+                )
                 value = float(loss)
                 if not math.isfinite(value):
                     raise RunStopped(
