@@ -127,6 +127,13 @@ def child(
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     cuda = str(config.get("device", "cpu")).startswith("cuda")
+    if cuda:
+        # True float32: TF32 convolutions and matmuls (on by default for cuDNN on Ampere and
+        # later) round to 10 mantissa bits, and a long unroll amplifies that into meta-gradients
+        # that differ between libraries and between runs (docs/benchmarks.md, GPU section).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
     run = setup(config)
     output = None
     for _ in range(int(config.get("warmup", 1))):
@@ -193,7 +200,8 @@ def machine() -> str:
         mem = f", {mem_kb / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         mem = ""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, "
+        f"{cpu}, {os.cpu_count()} cores{mem}{gpu}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )

@@ -31,8 +31,10 @@ skipped and marked so. Ratios are only taken between numbers from the same run o
 Writes ``results.csv``, ``results.md`` and PNG plots to ``--out`` (``docs/benchmarks``; with
 ``--quick``, ``build/benchmarks-quick``) and prints the targets as PASS/FAIL lines.
 
-``--device cuda`` runs every child on the GPU and measures ``torch.cuda.max_memory_allocated``
-above the allocation after warm-up, with synchronised timing. It is untested (no GPU here).
+``--device cuda`` runs every configuration in one fresh process on the GPU and measures
+``torch.cuda.max_memory_allocated`` above the allocation after warm-up, with synchronised timing
+(TF32 off, deterministic cuDNN: ``benchmarks/_memory.py``). ``--ks`` and ``--labels`` cut the
+grid to fit a short lease. Figures from an H200: ``docs/benchmarks/gpu/``.
 """
 
 from __future__ import annotations
@@ -287,7 +289,10 @@ def run_workload(
     entries: Sequence[Entry],
     args: argparse.Namespace,
     grid: Grid,
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Measure ``entries`` at each ``k``; ``checkpoint(rows so far)`` after every configuration
+    (the caller writes them out, so that a run stopped midway keeps what it measured)."""
     import torch
 
     from benchmarks._peers import available, relative_error
@@ -295,6 +300,8 @@ def run_workload(
     rows: list[dict[str, Any]] = []
     last: dict[str, tuple[int, float]] = {}  # label -> (k, peak bytes) of the largest measured k
     dead: dict[str, str] = {}  # label -> why larger k are skipped
+    if args.labels:
+        entries = [e for e in entries if e.label in args.labels]
     importable = {e.library: available(e.library) for e in entries}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,6 +335,8 @@ def run_workload(
                 else:
                     dead[entry.label] = f"failed at k={k}"
                 _progress(row, start)
+                if checkpoint is not None:
+                    checkpoint([*rows, *(_public(r) for r in k_rows)])
             ref_label = next(
                 (e.label for e in entries if e.reference and e.label in grads),
                 next((e.label for e in entries if e.library == "fmaml" and e.label in grads), None),
@@ -346,6 +355,10 @@ def run_workload(
                         )
             rows.extend(k_rows)
     return rows
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if not key.startswith("_")}
 
 
 def _measure_one(
@@ -382,7 +395,9 @@ def _measure_one(
     repeats = repeats_for(workload, k, grid)
     load = os.getloadavg()[0]
     try:
-        if args.quick:  # one process: times from the memory-mode run (inflated, development only)
+        if args.quick or _cuda(args):
+            # one process: on the CPU (--quick) the times then come from the memory-mode run
+            # (inflated, development only); on CUDA the allocator's peak needs no such mode
             mem = timed = measure(
                 "suite", {**config, "repeats": repeats, "save": path}, timeout=args.timeout, env=env
             )
@@ -415,6 +430,10 @@ def _measure_one(
         "grad_norm": mem["grad_norm"],
         "_grads": path,
     }
+
+
+def _cuda(args: argparse.Namespace) -> bool:
+    return str(args.device).startswith("cuda")
 
 
 def _progress(row: dict[str, Any], start: float) -> None:
@@ -827,10 +846,26 @@ def _provenance(res: Results, workload: str) -> str:
     if times:
         parts.append(f"measured {times[0].replace('T', ' ')} to {times[-1].replace('T', ' ')}")
     if loads:
-        parts.append(f"load average {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores")
+        parts.append(f"load average {min(loads):.1f} to {max(loads):.1f}")
     if sources:
         parts.append(f"fmaml sources {', '.join(sources)}")
     return "Provenance: " + "; ".join(parts) + "." if parts else ""
+
+
+def _protocol(device: str) -> str:
+    if device.startswith("cuda"):
+        return (
+            "Peak: `torch.cuda.max_memory_allocated()` above the allocation after warm-up, one "
+            "meta-gradient. Time: the same fresh process, `torch.cuda.synchronize()` before "
+            "each clock reading; median wall and CPU time (`time.process_time`). MiB = 2^20 "
+            "bytes. Relative error: `||g - g_store_all|| / ||g_store_all||` (float32)."
+        )
+    return (
+        "Peak: resident-set high-water mark above the baseline after warm-up, one meta-gradient, "
+        "fresh process with `MALLOC_MMAP_THRESHOLD_=65536`. Time: a second fresh process "
+        "without it; median wall and CPU time (`time.process_time`). MiB = 2^20 bytes. "
+        "Relative error: `||g - g_store_all|| / ||g_store_all||` (float32)."
+    )
 
 
 def markdown(res: Results, meta: dict[str, str], target_list: list[Target]) -> str:
@@ -844,10 +879,7 @@ def markdown(res: Results, meta: dict[str, str], target_list: list[Target]) -> s
         f"Machine: {meta['machine']}; {meta['threads']} torch thread(s) per process; device "
         f"{meta['device']}.",
         "",
-        "Peak: resident-set high-water mark above the baseline after warm-up, one meta-gradient, "
-        "fresh process with `MALLOC_MMAP_THRESHOLD_=65536`. Time: a second fresh process "
-        "without it; median wall and CPU time (`time.process_time`). MiB = 2^20 bytes. "
-        "Relative error: `||g - g_store_all|| / ||g_store_all||` (float32).",
+        _protocol(meta["device"]),
         "",
         "## Targets",
         "",
@@ -1083,7 +1115,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip configurations whose extrapolated peak exceeds this (default 8 GB)",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per child, seconds")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (untested)")
+    parser.add_argument(
+        "--ks",
+        type=lambda text: [int(k) for k in text.split(",")],
+        help="comma-separated k values for workloads A and C instead of the grid's",
+    )
+    parser.add_argument(
+        "--labels",
+        type=lambda text: text.split(";"),
+        help="';'-separated library labels to run (labels hold commas; default: all)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: CUDA peak allocated memory, synchronised wall time, one "
+        "process per configuration",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = ROOT / ("build/benchmarks-quick" if args.quick else "docs/benchmarks")
@@ -1112,23 +1159,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         began = time.time()
         for workload in workloads:
             print(f"workload {workload}", flush=True)
+            done = list(rows)
+
+            def save(measured: list[dict[str, Any]], done: list[dict[str, Any]] = done) -> None:
+                write_csv([*done, *measured], csv_path)  # a run stopped midway keeps its rows
+
             if workload == "A":
-                new = run_workload("A", grid.a_ks, entries_a(), args, grid)
+                new = run_workload("A", args.ks or grid.a_ks, entries_a(), args, grid, save)
             elif workload == "B":
-                new = run_workload("B", [5], entries_b(), args, grid)
+                new = run_workload("B", [5], entries_b(), args, grid, save)
             else:
-                new = run_workload("C", grid.c_ks, entries_c(grid.c_peer_max_k), args, grid)
+                c_ks, c_max = args.ks or grid.c_ks, grid.c_peer_max_k
+                new = run_workload("C", c_ks, entries_c(c_max), args, grid, save)
             rows += new
-            write_csv(rows, csv_path)  # after every workload: a crash keeps what was measured
+            write_csv(rows, csv_path)
         print(f"benchmarks.suite: measured in {(time.time() - began) / 60:.1f} min", flush=True)
+    machine_file = args.out / "machine.txt"  # the measuring machine, for a later --render
+    if not args.render:
+        args.out.mkdir(parents=True, exist_ok=True)
+        machine_file.write_text(machine() + "\n")
     res = Results(rows)
     target_list = targets(res)
     meta = {
         "command": "bash scripts/dev python -m benchmarks.suite"
         + (" --quick" if args.quick else "")
-        + (f" --only {' '.join(args.only)}" if args.only else ""),
+        + (" --render" if args.render else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --device {args.device}" if args.device != "cpu" else ""),
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": machine_file.read_text().strip() if machine_file.exists() else machine(),
         "threads": str(args.threads),
         "device": args.device,
     }

@@ -261,7 +261,10 @@ def _read_env() -> dict[str, int]:
 
 def _pick_device(device: str | torch.device | None, backend: str | None, local: int):
     if device is not None:
-        return torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            return torch.device("cuda", local)  # plain "cuda": this rank's GPU
+        return dev
     if backend != "gloo" and torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise RuntimeError(

@@ -106,3 +106,12 @@ def test_largest_k_within():
     assert math.isclose(k, 550) and how == "interpolated"
     k, _ = suite.largest_k_within([(1000, 80 * mib), (10000, 80.5 * mib)], 1024 * mib)
     assert math.isinf(k)
+
+
+def test_grid_cuts_for_a_short_lease():
+    """``--ks`` and ``--labels`` (labels hold commas, so ';' separates them) cut the grid."""
+    args = suite.parse_args(["--ks", "100,400", "--labels", "higher;torch_maml, ckpt every step"])
+    assert args.ks == [100, 400]
+    assert args.labels == ["higher", "torch_maml, ckpt every step"]
+    known = {e.label for e in suite.entries_a()}
+    assert set(args.labels) <= known

@@ -774,3 +774,14 @@ def test_setup_nccl_without_cuda(no_torchrun, monkeypatch):
 def test_errors(no_torchrun, call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_an_index_less_cuda_device_means_this_ranks_gpu():
+    """``setup(device="cuda")`` under torchrun: ``torch.cuda.set_device`` needs an index (torch
+    2.11 refuses ``"cuda"``), so a plain ``cuda`` is ``cuda:LOCAL_RANK``; explicit ones stay."""
+    from fmaml.distributed import _pick_device
+
+    assert _pick_device("cuda", None, 3) == torch.device("cuda", 3)
+    assert _pick_device(torch.device("cuda"), "nccl", 1) == torch.device("cuda", 1)
+    assert _pick_device("cuda:2", None, 3) == torch.device("cuda", 2)
+    assert _pick_device("cpu", None, 3) == torch.device("cpu")
