@@ -336,7 +336,7 @@ def run_workload(
                     dead[entry.label] = f"failed at k={k}"
                 _progress(row, start)
                 if checkpoint is not None:
-                    checkpoint([*rows, *(_public(r) for r in k_rows)])
+                    checkpoint([*rows, *k_rows])  # "_grads" is popped from k_rows above
             ref_label = next(
                 (e.label for e in entries if e.reference and e.label in grads),
                 next((e.label for e in entries if e.library == "fmaml" and e.label in grads), None),
@@ -355,10 +355,6 @@ def run_workload(
                         )
             rows.extend(k_rows)
     return rows
-
-
-def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in row.items() if not key.startswith("_")}
 
 
 def _measure_one(
@@ -395,7 +391,7 @@ def _measure_one(
     repeats = repeats_for(workload, k, grid)
     load = os.getloadavg()[0]
     try:
-        if args.quick or _cuda(args):
+        if args.quick or str(args.device).startswith("cuda"):
             # one process: on the CPU (--quick) the times then come from the memory-mode run
             # (inflated, development only); on CUDA the allocator's peak needs no such mode
             mem = timed = measure(
@@ -430,10 +426,6 @@ def _measure_one(
         "grad_norm": mem["grad_norm"],
         "_grads": path,
     }
-
-
-def _cuda(args: argparse.Namespace) -> bool:
-    return str(args.device).startswith("cuda")
 
 
 def _progress(row: dict[str, Any], start: float) -> None:
@@ -853,18 +845,22 @@ def _provenance(res: Results, workload: str) -> str:
 
 
 def _protocol(device: str) -> str:
+    """How peak and time were taken on ``device``."""
     if device.startswith("cuda"):
-        return (
+        how = (
             "Peak: `torch.cuda.max_memory_allocated()` above the allocation after warm-up, one "
             "meta-gradient. Time: the same fresh process, `torch.cuda.synchronize()` before "
-            "each clock reading; median wall and CPU time (`time.process_time`). MiB = 2^20 "
-            "bytes. Relative error: `||g - g_store_all|| / ||g_store_all||` (float32)."
+            "each clock reading"
+        )
+    else:
+        how = (
+            "Peak: resident-set high-water mark above the baseline after warm-up, one "
+            "meta-gradient, fresh process with `MALLOC_MMAP_THRESHOLD_=65536`. Time: a second "
+            "fresh process without it"
         )
     return (
-        "Peak: resident-set high-water mark above the baseline after warm-up, one meta-gradient, "
-        "fresh process with `MALLOC_MMAP_THRESHOLD_=65536`. Time: a second fresh process "
-        "without it; median wall and CPU time (`time.process_time`). MiB = 2^20 bytes. "
-        "Relative error: `||g - g_store_all|| / ||g_store_all||` (float32)."
+        f"{how}; median wall and CPU time (`time.process_time`). MiB = 2^20 bytes. Relative "
+        "error: `||g - g_store_all|| / ||g_store_all||` (float32)."
     )
 
 
@@ -1174,10 +1170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += new
             write_csv(rows, csv_path)
         print(f"benchmarks.suite: measured in {(time.time() - began) / 60:.1f} min", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     machine_file = args.out / "machine.txt"  # the measuring machine, for a later --render
-    if not args.render:
-        args.out.mkdir(parents=True, exist_ok=True)
-        machine_file.write_text(machine() + "\n")
+    if args.render and machine_file.exists():
+        measured_on = machine_file.read_text().strip()
+    else:
+        measured_on = machine()
+        if not args.render:
+            machine_file.write_text(measured_on + "\n")
     res = Results(rows)
     target_list = targets(res)
     meta = {
@@ -1187,11 +1187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" --only {' '.join(args.only)}" if args.only else "")
         + (f" --device {args.device}" if args.device != "cpu" else ""),
         "date": datetime.date.today().isoformat(),
-        "machine": machine_file.read_text().strip() if machine_file.exists() else machine(),
+        "machine": measured_on,
         "threads": str(args.threads),
         "device": args.device,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(markdown(res, meta, target_list))
     if res.series("A", "fmaml auto"):
         plot_scaling(res, "A", args.out / "a_scaling.png", None, relative_to="higher")

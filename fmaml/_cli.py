@@ -392,11 +392,8 @@ def run_train(args: argparse.Namespace) -> int:
     main = True
     try:
         device = _requested_device(args)
-        cuda = device.startswith("cuda")
-        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        with distributed.setup(
-            backend=None if cuda else "gloo", device=None if cuda and torchrun else device
-        ) as ctx:
+        backend = None if device.startswith("cuda") else "gloo"
+        with distributed.setup(backend=backend, device=device) as ctx:
             main = ctx.is_main
             try:
                 return _train(args, ctx)

@@ -260,20 +260,21 @@ def _read_env() -> dict[str, int]:
 
 
 def _pick_device(device: str | torch.device | None, backend: str | None, local: int):
-    if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            return torch.device("cuda", local)  # plain "cuda": this rank's GPU
+    if device is None:
+        if backend == "gloo" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = "cuda"
+    dev = torch.device(device)
+    if dev.type != "cuda" or dev.index is not None:
         return dev
-    if backend != "gloo" and torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"fmaml.distributed.setup: LOCAL_RANK={local} but only "
-                f"{torch.cuda.device_count()} CUDA devices are visible; launch at most that many "
-                "processes per node (torchrun --nproc_per_node)."
-            )
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    # no index (given as "cuda", or picked above): this rank's GPU, cuda:LOCAL_RANK
+    if torch.cuda.is_available() and local >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"fmaml.distributed.setup: LOCAL_RANK={local} but only "
+            f"{torch.cuda.device_count()} CUDA devices are visible; launch at most that many "
+            "processes per node (torchrun --nproc_per_node)."
+        )
+    return torch.device("cuda", local)
 
 
 def _existing_context(device: str | torch.device | None) -> Context:
