@@ -78,7 +78,9 @@ def grad_and_value_any(
     ``fn`` does not use are zeros, as in ``torch.func``.
     """
     nums = (argnums,) if isinstance(argnums, int) else argnums
-    if transforms_active() or not all(_floating(args[n]) for n in nums):
+    # torch.compile traces torch.func.grad but breaks its graph at torch.autograd.grad
+    compiling = torch.compiler.is_compiling()
+    if compiling or transforms_active() or not all(_floating(args[n]) for n in nums):
         return grad_and_value(fn, argnums=argnums, has_aux=True)(*args)
     graph = _records((args, context))
     with torch.enable_grad():

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fmaml import optim
+from fmaml import _maml_compiled, optim
 from fmaml._autodiff import grad_and_value_any
+from fmaml._compile import Compile, resolve_compile
 from fmaml._functional import (
     batch_norm_in_plain_ops,
     collect_running_stats,
@@ -82,6 +83,10 @@ class MAML:
         randomness: ``torch.func.vmap``'s ``randomness`` for random ops (dropout) across tasks.
         check_finite: raise ``FloatingPointError`` naming the first task and inner step whose
             loss is NaN or inf (a few reductions; off by default, then free).
+        compile: compile the inner loop's steps with ``torch.compile`` (see
+            :func:`fmaml.scan`): ``True``, ``"auto"`` (where measured to win: small models on
+            the CPU, any model on CUDA), or ``torch.compile`` options as a dict or
+            :class:`fmaml.Compile`. Off by default.
 
     Example:
         >>> maml = fmaml.MAML(model, F.cross_entropy, inner_lr=0.4)  # doctest: +SKIP
@@ -106,6 +111,7 @@ class MAML:
         task_chunk: int | None = None,
         randomness: str = "different",
         check_finite: bool = False,
+        compile: bool | str | dict | Compile = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML: `model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -172,6 +178,7 @@ class MAML:
         self.task_chunk = task_chunk
         self.randomness = randomness
         self.check_finite = bool(check_finite)
+        self.compile = resolve_compile(compile, "MAML")
         self._names = [name for name, _ in model.named_parameters()]
         self.adapt_only = _resolve_subset(adapt_only, self._names)
 
@@ -307,6 +314,7 @@ class MAML:
                 support,
                 checkpoint=checkpoint,
                 consts=(hyper, frozen),
+                compile=self.compile,
             )
         else:
             (new, _, stats), history = scan(
@@ -315,6 +323,7 @@ class MAML:
                 length=k,
                 checkpoint=checkpoint,
                 consts=(support, hyper, frozen),
+                compile=self.compile,
             )
         return new, history, stats
 
@@ -412,7 +421,10 @@ class MAML:
         total, history = None, []
         for start, stop in self._chunks(n_tasks):
             chunk = _slice_tasks(tasks, start, stop)
-            losses, hist = self._task_losses(params, chunk, k, per_step, hyper)
+            if _maml_compiled.compiles_whole(self, k, hyper):
+                losses, hist = _maml_compiled.task_losses(self, params, hyper, chunk, k, per_step)
+            else:
+                losses, hist = self._task_losses(params, chunk, k, per_step, hyper)
             part = losses.sum()
             total = part if total is None else total + part
             history.append(hist)
@@ -448,9 +460,18 @@ class MAML:
                 return losses.sum() / n_tasks
 
             argnums = 0 if hyper is None else (0, 1)
-            g, (value, _) = grad_and_value_any(
-                lambda p, h, f=chunk_loss: (f(p, h), None), (params, hyper), argnums, context=chunk
-            )
+
+            def eager(f: Any = chunk_loss, chunk: Tasks = chunk, argnums: Any = argnums) -> Any:
+                return grad_and_value_any(
+                    lambda p, h: (f(p, h), None), (params, hyper), argnums, context=chunk
+                )
+
+            if _maml_compiled.compiles_whole(self, k, hyper):
+                g, (value, _) = _maml_compiled.meta_grad(
+                    self, params, hyper, chunk, k, per_step, n_tasks, eager
+                )
+            else:
+                g, (value, _) = eager()
             total_loss = value if total_loss is None else total_loss + value
             total_grad = g if total_grad is None else optree.tree_map(torch.add, total_grad, g)
         if self.check_finite:

@@ -15,6 +15,7 @@ recomputation from the saved inputs with a graph: exact to any order, with the m
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,15 +30,17 @@ from torch._C._functorch import (
 )
 from torch._functorch.pyfunctorch import coerce_cinterpreter
 
+from fmaml import _compile, _scan_compiled
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
-from fmaml._policy import Policy, resolve_policy
+from fmaml._policy import Binomial, Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
-from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
+from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, tree_map, unflatten
 
 __all__ = ["ScanStats", "record_scan", "scan"]
 
 Leaves = list[Any]
+_WHOLE = Binomial(1)  # the policy of a compiled store_all scan's one step (see _whole)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +188,8 @@ class _Call:
     n_init: int
     n_xs: int
     n_consts: int
+    compiled: _compile.Compile | None = None
+    carry_bytes: int = 0
 
     def step(self, index: int, carry: Leaves, xs_t: Leaves, consts: Leaves) -> tuple[Leaves, Any]:
         """One step on leaves; returns the new carry leaves and the raw ``y`` pytree."""
@@ -227,6 +232,22 @@ class _Call:
     def x_at(self, xs: Leaves, i: int) -> Leaves:
         return [leaf[i] for leaf in xs]
 
+    def no_graph_step(
+        self,
+        index: int,
+        carry: Leaves,
+        x: Leaves,
+        consts: Leaves,
+        eager: Callable[[], tuple[Leaves, Any]] | None = None,
+    ) -> tuple[Leaves, Any]:
+        """:meth:`step` where no graph is kept (forward sweep, recomputation): compiled if asked
+        (``eager``: the fallback, by default :meth:`step`)."""
+        if eager is None:
+            eager = functools.partial(self.step, index, carry, x, consts)
+        if self.compiled is None:
+            return eager()
+        return _scan_compiled.step(self, carry, x, consts, eager)
+
     def call_step(self, i: int, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Leaves, Leaves]:
         """A step on leaves that also flattens ``y``."""
         new, y = self.step(i, carry, self.x_at(xs, i), consts)
@@ -246,7 +267,12 @@ def _check_leaves(tree: Any, name: str) -> tuple[Leaves, Spec]:
 
 
 def _build_call(
-    f: Callable[..., Any], init: Any, xs: Any, length: int | None, consts: Any
+    f: Callable[..., Any],
+    init: Any,
+    xs: Any,
+    length: int | None,
+    consts: Any,
+    compiled: _compile.Compile | None = None,
 ) -> tuple[_Call, Leaves, Leaves, Leaves]:
     if not callable(f):
         raise TypeError(f"fmaml.scan: `f` must be callable, got {type(f).__name__}.")
@@ -294,6 +320,8 @@ def _build_call(
         n_init=len(init_leaves),
         n_xs=len(xs_leaves),
         n_consts=len(consts_leaves),
+        compiled=compiled,
+        carry_bytes=sum(_nbytes(t) for t in init_leaves) if compiled is not None else 0,
     )
     return call, init_leaves, xs_leaves, consts_leaves
 
@@ -310,6 +338,7 @@ def scan(
     length: int | None = None,
     checkpoint: str | Policy = "auto",
     consts: Any = None,
+    compile: bool | str | dict | _compile.Compile = False,
 ) -> tuple[Any, Any]:
     """Scan ``f`` over the leading axis of ``xs``, carrying state, with checkpointed gradients.
 
@@ -364,7 +393,12 @@ def scan(
     References: Griewank and Walther (2000), Algorithm 799: revolve.
     """
     policy = resolve_policy(checkpoint)
-    call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts)
+    compiled = _compile.resolve_compile(compile, "fmaml.scan")
+    if torch.compiler.is_compiling() and (length is not None or xs is not None):
+        n = length if length is not None else _scan_compiled.traced_length(xs)
+        if policy.stores_all(n):  # traced by an enclosing torch.compile as the plain loop
+            return _scan_compiled.traced_loop(f, init, xs, n, consts)
+    call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts, compiled)
     if call.length == 0:
         return _empty_scan(call, init, init_leaves, xs_leaves, consts_leaves)
     if policy.stores_all(call.length) or _nested():
@@ -404,6 +438,43 @@ def _empty_scan(call: _Call, init: Any, init_leaves: Leaves, xs: Leaves, consts:
 
 
 def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
+    if call.compiled is not None and not _nested():
+        templates = _scan_compiled.templates(call)
+        if templates is not None:
+            return _whole(call, templates, carry, xs, consts)
+    final, ys = _unroll(call, carry, xs, consts)
+    _count("forward_evaluations", call.length)
+    _count("graph_evaluations", call.length)
+    return unflatten(call.init_spec, final), ys
+
+
+def _whole(
+    call: _Call, templates: tuple, carry: Leaves, xs: Leaves, consts: Leaves
+) -> tuple[Any, Any]:
+    """``store_all``, compiled: the whole loop as the one step of a checkpointed scan of length 1.
+
+    Its compiled pieces are then the loop without a graph (the forward pass) and the loop with
+    its vjp (the backward pass), one graph each, under every transform a checkpointed scan
+    supports; the loop runs once more, inside the vjp, where its graph lives as ``store_all``'s
+    would. (AOTAutograd's own backward of the loop measured slower than its vjp compiled whole.)
+    ``record_scan`` sees a scan of length 1.
+    """
+
+    def loop(c: Any, x: Any, k: tuple[Leaves, Leaves]) -> tuple[Any, Any]:
+        xs_k, consts_k = k
+        if torch.compiler.is_compiling():
+            return _scan_compiled.traced_unroll(call, templates, c, xs_k, consts_k)
+        final, ys = _unroll(call, flatten(c)[0], xs_k, consts_k)
+        return unflatten(call.init_spec, final), ys
+
+    init = unflatten(call.init_spec, carry)
+    final, ys = scan(
+        loop, init, length=1, checkpoint=_WHOLE, consts=(xs, consts), compile=call.compiled
+    )
+    return final, tree_map(lambda leaf: leaf[0], ys)
+
+
+def _unroll(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Leaves, Any]:
     ys: list[Leaves] = []
     spec = None
     for i in range(call.length):
@@ -413,9 +484,7 @@ def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[
         leaves, spec = _y_spec(y, i, spec)
         carry = new
         ys.append(leaves)
-    _count("forward_evaluations", call.length)
-    _count("graph_evaluations", call.length)
-    return unflatten(call.init_spec, carry), _stack_ys(call, ys, spec)
+    return carry, _stack_ys(call, ys, spec)
 
 
 _NO_FORWARD_MODE = (
@@ -448,7 +517,17 @@ def _checkpointed(
         u_init = [t.detach() for t in init]
         u_x0 = [t[0].detach() for t in xs]
         u_consts = [t.detach() for t in consts]
-    c1, y0_tree = call.step(0, u_init, u_x0, u_consts)
+    if call.compiled is None:
+        c1, y0_tree = call.step(0, u_init, u_x0, u_consts)
+    else:  # compiled without a graph; the eager fallback in the caller's grad mode (for checks)
+        mode = torch.is_grad_enabled()
+
+        def eager() -> tuple[Leaves, Any]:
+            with torch.set_grad_enabled(mode):
+                return call.step(0, u_init, u_x0, u_consts)
+
+        with torch.no_grad():
+            c1, y0_tree = call.no_graph_step(0, u_init, u_x0, u_consts, eager)
     call.check_carry(init, c1)
     y0, y_spec = _y_spec(y0_tree, 0, None)
     _check_no_closure(c1, y0)
@@ -516,7 +595,7 @@ class _ScanFunction(torch.autograd.Function):
                     if i == 0:
                         current = c1
                     else:
-                        current, y = call.step(i, current, call.x_at(xs, i), consts)
+                        current, y = call.no_graph_step(i, current, call.x_at(xs, i), consts)
                         ys.append(_y_spec(y, i, static.y_spec)[0])
                 _count("forward_evaluations", action.stop - max(action.start, 1))
                 index = action.stop
@@ -529,7 +608,7 @@ class _ScanFunction(torch.autograd.Function):
         if last == 0:
             final = c1
         else:
-            final, y = call.step(last, current, call.x_at(xs, last), consts)
+            final, y = call.no_graph_step(last, current, call.x_at(xs, last), consts)
             ys.append(_y_spec(y, last, static.y_spec)[0])
             _count("forward_evaluations")
         outputs = [*final, *(torch.stack(col) for col in zip(*ys, strict=True))]
@@ -730,7 +809,9 @@ class _Backward:
                     _count("graph_evaluations")
                 elif isinstance(action, sch.Advance):
                     for i in range(action.start, action.stop):
-                        current, _ = call.call_step(i, current, self.xs, self.consts)
+                        current, _ = call.no_graph_step(
+                            i, current, call.x_at(self.xs, i), self.consts
+                        )
                     _count("recomputations", action.stop - action.start)
                     _peak(stored, current, inputs)  # the working carry may be no snapshot
                 elif isinstance(action, sch.Restore):
@@ -755,6 +836,34 @@ class _Backward:
         x = call.x_at(self.xs, i)
         fn, primals, dc, dx, dk = self._step_fn(i, carry, x, self.consts)
         ys_d = [g for g, f in zip(self.ct_ys, self.static.y_float, strict=True) if f]
+        if call.compiled is not None:  # grad mode is off here: a first-order backward pass
+            g_c, g_x, g_k = _scan_compiled.pull_back(
+                call,
+                carry,
+                x,
+                self.consts,
+                (dc, dx, dk),
+                [ct_c[j] for j in dc],
+                [None if g is None else g[i] for g in ys_d],
+                lambda: self._vjp(i, fn, primals, dc, ct_c, ys_d),
+            )
+        else:
+            g_c, g_x, g_k = self._vjp(i, fn, primals, dc, ct_c, ys_d)
+        return (
+            _scatter(g_c, dc, call.n_init),
+            _scatter(g_x, dx, call.n_xs),
+            _scatter(g_k, dk, call.n_consts),
+        )
+
+    def _vjp(
+        self,
+        i: int,
+        fn: Callable,
+        primals: tuple,
+        dc: list[int],
+        ct_c: list[torch.Tensor | None],
+        ys_d: list[torch.Tensor | None],
+    ) -> tuple[Leaves, Leaves, Leaves]:
         if not transforms_active():
             # plain autograd records the step once (its inner torch.autograd.grad then builds
             # the double-backward graph without functorch's wrappers; see fmaml._autodiff)
@@ -767,11 +876,7 @@ class _Backward:
                 (out_c, out_y), vjp_fn = torch.func.vjp(fn, *primals)
             with _pulling_back():
                 g_c, g_x, g_k = vjp_fn(self._cts(i, dc, ct_c, ys_d, out_c, out_y))
-        return (
-            _scatter(g_c, dc, call.n_init),
-            _scatter(g_x, dx, call.n_xs),
-            _scatter(g_k, dk, call.n_consts),
-        )
+        return g_c, g_x, g_k
 
     @staticmethod
     def _cts(

@@ -1,0 +1,444 @@
+"""Compiled scan steps: ``torch.compile`` of the pieces a scan runs many times with fixed shapes.
+
+A meta-learning inner loop is a small function stepped many times, so eager PyTorch spends most
+of its time in per-operator overhead. :func:`fmaml.scan` (and :class:`fmaml.MAML`) can compile
+three pieces, each a pure function of flat tensors:
+
+- the step without a graph (the forward sweep and the backward pass's recomputation);
+- the step with its pull-back (``torch.func.vjp`` of one step, in the backward pass);
+- the whole unroll, where the policy keeps every graph (``store_all``): then the compiled
+  function's own backward (AOTAutograd) is the scan's backward.
+
+Two facts of ``torch.compile`` (torch 2.13) shape this module:
+
+1. A compiled function called *inside* an active ``torch.func`` transform (``vmap``, ``grad``) is
+   not compiled: dynamo falls back to eager for the whole frame (PyTorch issue 128711), slower than
+   plain eager. So :func:`run` *peels* the transforms off first: it unwraps the batched tensors
+   of every active ``vmap`` level, temporarily leaves the level, and calls a compiled
+   ``vmap(fn, in_dims)`` from below (the batch dimensions become the leading dimension of the
+   outputs, which are wrapped back). A ``grad`` level is left only where it records nothing
+   (grad mode off: the scan's first-order backward pass); under a recording ``grad`` level the
+   piece runs eagerly.
+2. ``torch.autograd.grad`` breaks dynamo's graph while ``torch.func.grad`` traces, so the steps
+   of a compiled piece differentiate with ``torch.func`` (``fmaml._autodiff`` checks
+   :func:`torch.compiler.is_compiling`).
+
+Every compiled function is cached by the *structure* of its call: the piece, the step's code, the
+shapes, dtypes and devices of its tensors, their batch dimensions, the transform levels peeled,
+grad mode and the compile options. Each cache entry gets its own code object, so dynamo's
+recompile limit (per code object) counts one structure, and a program with many structures never
+exhausts it. If compiling fails, the piece runs eagerly from then on, with one warning that says
+why. Random operators (dropout) are compiled with inductor's ``fallback_random``, so they draw
+from PyTorch's generator exactly as eager code does and the scan's RNG replay stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import types
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optree
+import torch
+from torch._C import _functorch as _ft
+from torch._C._functorch import TransformType, get_interpreter_stack
+from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+from fmaml._tree import traced_leaves
+
+__all__ = ["Compile", "compile_stats", "resolve_compile", "run"]
+
+_WHEN = ("always", "auto")
+_OPTION_KEYS = ("when", "backend", "mode", "dynamic", "fullgraph", "options")
+
+
+@dataclass(frozen=True)
+class Compile:
+    """How :func:`fmaml.scan` and :class:`fmaml.MAML` compile their steps (``compile=``).
+
+    ``compile=True`` is ``Compile()``, ``compile="auto"`` is ``Compile(when="auto")`` and a dict
+    is ``Compile(**dict)``; ``compile=False`` (the default) compiles nothing.
+
+    Args:
+        when: ``"always"``: compile every piece that can be compiled. ``"auto"``: compile where
+            it was measured to win: on CUDA always; on the CPU when the carry (for MAML, the
+            adapted parameters) is at most ``auto_max_bytes`` (small models, whose steps are
+            dominated by per-operator overhead; a conv4 MAML step is not). See
+            ``docs/compile.md`` for the measurements behind the rule.
+        backend: ``torch.compile``'s ``backend`` (``"inductor"``, ``"aot_eager"``, ...).
+        mode: ``torch.compile``'s ``mode``: ``None``, ``"reduce-overhead"`` (CUDA graphs on a
+            GPU), ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
+        dynamic: ``torch.compile``'s ``dynamic``. The default ``False`` compiles one graph per
+            structure (shapes included); ``True`` compiles shape-generic graphs, and shapes then
+            leave the cache key.
+        fullgraph: ``True`` (the default) makes a graph break a compile failure, so that a piece
+            that would compile only in part runs eagerly instead (with one warning).
+        options: inductor options (``torch.compile``'s ``options``), added to fmaml's own
+            ``{"fallback_random": True}`` (random operators as in eager mode).
+        auto_max_bytes: the largest carry that ``when="auto"`` compiles on the CPU.
+
+    Example:
+        >>> maml = fmaml.MAML(model, F.mse_loss, compile=True)  # doctest: +SKIP
+        >>> fmaml.scan(f, init, xs, compile=fmaml.Compile(mode="reduce-overhead"))  # doctest: +SKIP
+    """
+
+    when: str = "always"
+    backend: Any = "inductor"
+    mode: str | None = None
+    dynamic: bool | None = False
+    fullgraph: bool = True
+    options: Mapping[str, Any] | None = None
+    auto_max_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.when not in _WHEN:
+            raise ValueError(f"Compile: `when` must be one of {_WHEN}, got {self.when!r}.")
+        if not (isinstance(self.backend, str) or callable(self.backend)):
+            raise TypeError(
+                f"Compile: `backend` must be a torch.compile backend name (e.g. 'inductor') or "
+                f"a callable, got {self.backend!r}."
+            )
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+
+            modes = [m for m in list_mode_options() if m != "default"]
+            if self.mode not in modes and self.mode != "default":
+                raise ValueError(
+                    f"Compile: `mode` must be None or one of {modes}, got {self.mode!r}."
+                )
+        if self.dynamic not in (None, True, False):
+            raise TypeError(
+                f"Compile: `dynamic` must be True, False or None, got {self.dynamic!r}."
+            )
+        if self.options is not None and not isinstance(self.options, Mapping):
+            raise TypeError(
+                f"Compile: `options` must be a dict of inductor options, got {self.options!r}."
+            )
+        if (
+            isinstance(self.auto_max_bytes, bool)
+            or not isinstance(self.auto_max_bytes, int)
+            or self.auto_max_bytes < 0
+        ):
+            raise ValueError(
+                f"Compile: `auto_max_bytes` must be an int >= 0, got {self.auto_max_bytes!r}."
+            )
+
+    def torch_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``torch.compile``."""
+        kwargs: dict[str, Any] = {
+            "backend": self.backend,
+            "dynamic": self.dynamic,
+            "fullgraph": self.fullgraph,
+        }
+        if self.backend == "inductor":
+            kwargs["options"] = {"fallback_random": True, **dict(self.options or {})}
+            if self.mode is not None:
+                # torch.compile takes `mode` or `options`, not both: the mode's options first
+                from torch._inductor import list_mode_options
+
+                kwargs["options"] = {
+                    **list_mode_options(self.mode, self.dynamic),
+                    **kwargs["options"],
+                }
+        elif self.mode is not None or self.options:
+            raise ValueError(
+                f"Compile: `mode` and `options` are inductor's; backend {self.backend!r} takes "
+                "neither. Drop them or use backend='inductor'."
+            )
+        return kwargs
+
+    def key(self) -> Hashable:
+        options = tuple(sorted((k, repr(v)) for k, v in (self.options or {}).items()))
+        return (self.when, repr(self.backend), self.mode, self.dynamic, self.fullgraph, options)
+
+
+def resolve_compile(value: object, owner: str) -> Compile | None:
+    """The :class:`Compile` behind ``compile=`` (None: compile nothing)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return Compile()
+    if value == "auto":
+        return Compile(when="auto")
+    if isinstance(value, Compile):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(_OPTION_KEYS) - {"auto_max_bytes"})
+        if unknown:
+            raise ValueError(
+                f"{owner}: unknown `compile` option(s) {unknown}; expected some of "
+                f"{list(_OPTION_KEYS)} (torch.compile's backend, mode, dynamic, fullgraph, "
+                "options, and fmaml's when)."
+            )
+        return Compile(**value)
+    raise ValueError(
+        f"{owner}: `compile` must be True, False, 'auto', a dict of torch.compile options "
+        f"(e.g. {{'mode': 'reduce-overhead'}}) or fmaml.Compile(...), got {value!r}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# statistics, for tests and benchmarks
+
+
+@dataclass
+class CompileStats:
+    """What the compiled pieces did in this process (see :func:`compile_stats`).
+
+    Attributes:
+        compiled: cache entries created (one per structure that was compiled).
+        calls: calls of compiled pieces.
+        eager: calls that ran eagerly because the piece could not be compiled there (a
+            recording ``grad`` level, a failed compilation, or ``when="auto"``).
+        failures: the reasons compilations failed, one per structure.
+    """
+
+    compiled: int = 0
+    calls: int = 0
+    eager: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+_STATS = CompileStats()
+
+
+@contextlib.contextmanager
+def compile_stats() -> Iterator[CompileStats]:
+    """Count the compiled pieces' cache entries and calls made inside the block."""
+    before = CompileStats(_STATS.compiled, _STATS.calls, _STATS.eager, list(_STATS.failures))
+    diff = CompileStats()
+    try:
+        yield diff
+    finally:
+        diff.compiled = _STATS.compiled - before.compiled
+        diff.calls = _STATS.calls - before.calls
+        diff.eager = _STATS.eager - before.eager
+        diff.failures = _STATS.failures[len(before.failures) :]
+
+
+# --------------------------------------------------------------------------------------------
+# the cache
+
+
+def _runner(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+_CACHE: dict[Hashable, Any] = {}
+_FAILED: dict[Hashable, str] = {}
+_OUT_SPECS: dict[Hashable, Any] = {}
+_WARNED: set[str] = set()
+_LOCK = threading.Lock()
+
+
+def _compiled_runner(spec: Compile, key: Hashable) -> Any:
+    """A ``torch.compile``'d runner of its own (a fresh code object) for one structure."""
+    with _LOCK:
+        runner = _CACHE.get(key)
+        if runner is None:
+            name = f"fmaml_compiled_{len(_CACHE)}"
+            code = _runner.__code__.replace(co_name=name, co_qualname=name)
+            fresh = types.FunctionType(code, _runner.__globals__, name)
+            runner = torch.compile(fresh, **spec.torch_options())
+            _CACHE[key] = runner
+            _STATS.compiled += 1
+    return runner
+
+
+def clear_cache() -> None:
+    """Forget every compiled piece and failure (for tests; ``torch._dynamo.reset()`` too)."""
+    with _LOCK:
+        _CACHE.clear()
+        _FAILED.clear()
+        _OUT_SPECS.clear()
+        _WARNED.clear()
+
+
+def _fail(key: Hashable, error: BaseException, what: str) -> None:
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+    _FAILED[key] = reason
+    _STATS.failures.append(reason)
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"fmaml: torch.compile failed for {what}, which now runs eagerly (same results, "
+            f"eager speed). Why: {reason[:500]}. Pass compile=False to silence this, or "
+            "compile={'fullgraph': False} to accept partial graphs.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# peeling torch.func transforms
+
+
+def _describe(args: Sequence[Any], shapes: bool) -> tuple:
+    """The cache key's view of the arguments: dtype, device, requires_grad (and shape)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            shape = tuple(a.shape) if shapes else a.dim()
+            out.append((shape, a.dtype, a.device, a.requires_grad))
+        else:
+            out.append(None if a is None else ("const", repr(a)))
+    return tuple(out)
+
+
+class _CannotPeel(Exception):
+    """A transform level that must record (a ``grad`` level in grad mode): run eagerly."""
+
+
+def _peel(
+    fn: Callable[..., Sequence[Any]], args: Sequence[Any]
+) -> tuple[Callable[..., Sequence[Any]], list[Any], list[tuple]]:
+    """Unwrap ``args`` from every active transform level, innermost first.
+
+    Returns the function to call at the base level (``fn`` under one ``vmap`` per batch level),
+    its arguments, and one description per level, innermost first: ``("vmap", level, in_dims,
+    randomness, batch_size)``, ``("vmap-unused", level)`` or ``("grad-off", level)``. Raises
+    :class:`_CannotPeel` at a level that must record (``grad``, ``jvp`` in grad mode).
+    """
+    described: list[tuple] = []
+    for cinterp in reversed(get_interpreter_stack() or []):
+        interp = coerce_cinterpreter(cinterp)
+        level = interp.level()
+        if interp.key() == TransformType.Vmap:
+            values, dims = [], []
+            for a in args:
+                if isinstance(a, torch.Tensor) and _batched_at(a, level):
+                    v, d = _ft._unwrap_batched(a, level)
+                else:
+                    v, d = a, None
+                values.append(v)
+                dims.append(d)
+            if all(d is None for d in dims):
+                if interp.randomness() == "different":
+                    # each task would draw its own random numbers: only eager vmap knows how
+                    raise _CannotPeel("vmap")
+                described.append(("vmap-unused", level))
+            else:
+                fn = torch.func.vmap(
+                    fn, in_dims=tuple(dims), out_dims=0, randomness=interp.randomness()
+                )
+                described.append(
+                    ("vmap", level, tuple(dims), interp.randomness(), interp.batch_size())
+                )
+            args = values
+        elif interp.key() == TransformType.Grad and not torch.is_grad_enabled():
+            args = [
+                _ft._unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a for a in args
+            ]
+            described.append(("grad-off", level))
+        else:
+            raise _CannotPeel(interp.key().name)
+    return fn, list(args), described
+
+
+def _batched_at(t: torch.Tensor, level: int) -> bool:
+    return bool(_ft.is_batchedtensor(t)) and _ft.maybe_get_level(t) == level
+
+
+@contextlib.contextmanager
+def _base_level() -> Iterator[None]:
+    """Leave every transform level for the block (they are restored after it)."""
+    stack = []
+    try:
+        while _ft.peek_interpreter_stack() is not None:
+            stack.append(_ft.pop_dynamic_layer_stack())
+        yield
+    finally:
+        while stack:
+            _ft.push_dynamic_layer_stack(stack.pop())
+
+
+def _rewrap(outputs: Sequence[torch.Tensor], described: list[tuple]) -> list[torch.Tensor]:
+    """Wrap base-level outputs back into the batch levels that were peeled, outermost first
+    (each ``vmap`` put its batch dimension first)."""
+    out = list(outputs)
+    for desc in reversed(described):
+        if desc[0] == "vmap":
+            out = [_ft._add_batch_dim(t, 0, desc[1]) for t in out]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the one entry point
+
+
+def run(
+    spec: Compile,
+    key: Hashable,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    eager: Callable[[], Any],
+    *,
+    what: str,
+    carry_bytes: int = 0,
+) -> Any:
+    """``fn(*args)`` compiled and run from the base transform level, or ``eager()``.
+
+    ``fn`` maps flat tensors (or None) to a pytree of tensors; it must be pure, traceable, and
+    compute what ``eager()`` computes (the caller's own code, at the caller's level), in a pytree
+    of the same structure. ``key`` describes everything about ``fn`` that ``args`` do not (the
+    piece, the step's code, the pytree structures).
+
+    ``eager()`` runs instead where the piece cannot be compiled: under a recording ``grad``
+    level, where ``when="auto"`` chooses eager, the first time a structure is seen (so that the
+    caller's validation and error messages come from eager code, and the output structure is
+    learnt), and after a failed compilation (which warns once).
+    """
+    if spec.when == "auto" and not _auto_compiles(spec, args, carry_bytes):
+        _STATS.eager += 1
+        return eager()
+    try:
+        peeled, base_args, described = _peel(functools.partial(_flat_out, fn), args)
+    except _CannotPeel:
+        _STATS.eager += 1
+        return eager()
+    full_key = (
+        key,
+        tuple(described),
+        _describe(base_args, shapes=not spec.dynamic),
+        len(base_args),
+        torch.is_grad_enabled(),
+        spec.key(),
+    )
+    if full_key in _FAILED or full_key not in _OUT_SPECS:
+        _STATS.eager += 1
+        out = eager()
+        _OUT_SPECS.setdefault(full_key, optree.tree_structure(out, none_is_leaf=False))
+        return out
+    runner = _compiled_runner(spec, full_key)
+    first = not getattr(runner, "_fmaml_ran", False)
+    rng = torch.get_rng_state() if first else None  # compiling: put the RNG back if it fails
+    try:
+        with _base_level():
+            leaves = runner(peeled, *base_args)
+    except Exception as error:  # a failed compilation: eager, with one warning
+        if not first:
+            raise
+        torch.set_rng_state(rng)
+        _fail(full_key, error, what)
+        _STATS.eager += 1
+        return eager()
+    runner._fmaml_ran = True
+    _STATS.calls += 1
+    return optree.tree_unflatten(_OUT_SPECS[full_key], _rewrap(leaves, described))
+
+
+def _flat_out(fn: Callable[..., Any], *args: Any) -> list[Any]:
+    return traced_leaves(fn(*args))
+
+
+def _auto_compiles(spec: Compile, args: Sequence[Any], carry_bytes: int) -> bool:
+    """``when="auto"``: compile on CUDA, and on the CPU for small carries."""
+    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+    if "cuda" in devices:
+        return True
+    return carry_bytes <= spec.auto_max_bytes
