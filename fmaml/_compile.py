@@ -48,13 +48,18 @@ import torch
 from torch._C import _functorch as _ft
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch._functorch.pyfunctorch import coerce_cinterpreter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from fmaml._tree import traced_leaves
 
 __all__ = ["Compile", "compile_stats", "resolve_compile", "run"]
 
 _WHEN = ("always", "auto")
-_OPTION_KEYS = ("when", "backend", "mode", "dynamic", "fullgraph", "options")
+
+#: ``when="auto"``'s default thresholds, mean FLOPs per operator (``docs/compile.md``).
+AUTO_FLOPS_PER_OP = {"cpu": 2.0**18, "cuda": 2.0**27}
+_OPTION_KEYS = ("when", "backend", "mode", "dynamic", "fullgraph", "options", "auto_flops_per_op")
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,13 @@ class Compile:
     is ``Compile(**dict)``; ``compile=False`` (the default) compiles nothing.
 
     Args:
-        when: ``"always"``: compile every piece that can be compiled. ``"auto"``: compile where
-            it was measured to win: on CUDA always; on the CPU when the carry (for MAML, the
-            adapted parameters) is at most ``auto_max_bytes`` (small models, whose steps are
-            dominated by per-operator overhead; a conv4 MAML step is not). See
-            ``docs/compile.md`` for the measurements behind the rule.
+        when: ``"always"``: compile every piece that can be compiled. ``"auto"``: compile the
+            pieces whose operators are small, where eager PyTorch's per-operator overhead
+            dominates and compiling was measured to win: the first (eager) call of each
+            structure counts its operators and their FLOPs (matmuls, convolutions), and the
+            piece is compiled when the mean is at most ``auto_flops_per_op``. The sinusoid MLP
+            (about 10^4 FLOPs per operator) is compiled, a conv4 MAML step (10^6 to 10^8) is
+            not. See ``docs/compile.md`` for the measurements behind the rule.
         backend: ``torch.compile``'s ``backend`` (``"inductor"``, ``"aot_eager"``, ...).
         mode: ``torch.compile``'s ``mode``: ``None``, ``"reduce-overhead"`` (CUDA graphs on a
             GPU), ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
@@ -80,7 +87,9 @@ class Compile:
             that would compile only in part runs eagerly instead (with one warning).
         options: inductor options (``torch.compile``'s ``options``), added to fmaml's own
             ``{"fallback_random": True}`` (random operators as in eager mode).
-        auto_max_bytes: the largest carry that ``when="auto"`` compiles on the CPU.
+        auto_flops_per_op: the threshold of ``when="auto"``; None: ``2**18`` on the CPU (from
+            the measurements) and ``2**27`` on CUDA (kernel launches cost about what 10^8
+            FLOPs do; not measured here).
 
     Example:
         >>> maml = fmaml.MAML(model, F.mse_loss, compile=True)  # doctest: +SKIP
@@ -93,7 +102,7 @@ class Compile:
     dynamic: bool | None = False
     fullgraph: bool = True
     options: Mapping[str, Any] | None = None
-    auto_max_bytes: int = 1 << 20
+    auto_flops_per_op: float | None = None
 
     def __post_init__(self) -> None:
         if self.when not in _WHEN:
@@ -119,13 +128,14 @@ class Compile:
             raise TypeError(
                 f"Compile: `options` must be a dict of inductor options, got {self.options!r}."
             )
-        if (
-            isinstance(self.auto_max_bytes, bool)
-            or not isinstance(self.auto_max_bytes, int)
-            or self.auto_max_bytes < 0
+        threshold = self.auto_flops_per_op
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not threshold >= 0
         ):
             raise ValueError(
-                f"Compile: `auto_max_bytes` must be an int >= 0, got {self.auto_max_bytes!r}."
+                f"Compile: `auto_flops_per_op` must be a number >= 0 or None, got {threshold!r}."
             )
 
     def torch_options(self) -> dict[str, Any]:
@@ -154,7 +164,15 @@ class Compile:
 
     def key(self) -> Hashable:
         options = tuple(sorted((k, repr(v)) for k, v in (self.options or {}).items()))
-        return (self.when, repr(self.backend), self.mode, self.dynamic, self.fullgraph, options)
+        return (
+            self.when,
+            repr(self.backend),
+            self.mode,
+            self.dynamic,
+            self.fullgraph,
+            options,
+            self.auto_flops_per_op,
+        )
 
 
 def resolve_compile(value: object, owner: str) -> Compile | None:
@@ -168,7 +186,7 @@ def resolve_compile(value: object, owner: str) -> Compile | None:
     if isinstance(value, Compile):
         return value
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(_OPTION_KEYS) - {"auto_max_bytes"})
+        unknown = sorted(set(value) - set(_OPTION_KEYS))
         if unknown:
             raise ValueError(
                 f"{owner}: unknown `compile` option(s) {unknown}; expected some of "
@@ -232,6 +250,7 @@ def _runner(fn: Callable[..., Any], *args: Any) -> Any:
 _CACHE: dict[Hashable, Any] = {}
 _FAILED: dict[Hashable, str] = {}
 _OUT_SPECS: dict[Hashable, Any] = {}
+_EAGER: dict[Hashable, float] = {}  # when="auto" chose eager (the FLOPs per operator measured)
 _WARNED: set[str] = set()
 _LOCK = threading.Lock()
 
@@ -256,19 +275,30 @@ def clear_cache() -> None:
         _CACHE.clear()
         _FAILED.clear()
         _OUT_SPECS.clear()
+        _EAGER.clear()
         _WARNED.clear()
 
 
+def _reason(error: BaseException) -> str:
+    """One line on why compiling failed: the innermost cause (a backend wraps what it met)."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        parts.append(f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    return " <- ".join(parts)[:600]
+
+
 def _fail(key: Hashable, error: BaseException, what: str) -> None:
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+    reason = _reason(error)
     _FAILED[key] = reason
     _STATS.failures.append(reason)
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
-            f"fmaml: torch.compile failed for {what}, which now runs eagerly (same results, "
-            f"eager speed). Why: {reason[:500]}. Pass compile=False to silence this, or "
-            "compile={'fullgraph': False} to accept partial graphs.",
+            f"fmaml: torch.compile failed for {what}, which runs eagerly from now on (same "
+            f"results, eager speed). Why: {reason}. Pass compile=False to silence this.",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -379,7 +409,6 @@ def run(
     eager: Callable[[], Any],
     *,
     what: str,
-    carry_bytes: int = 0,
 ) -> Any:
     """``fn(*args)`` compiled and run from the base transform level, or ``eager()``.
 
@@ -393,9 +422,6 @@ def run(
     caller's validation and error messages come from eager code, and the output structure is
     learnt), and after a failed compilation (which warns once).
     """
-    if spec.when == "auto" and not _auto_compiles(spec, args, carry_bytes):
-        _STATS.eager += 1
-        return eager()
     try:
         peeled, base_args, described = _peel(functools.partial(_flat_out, fn), args)
     except _CannotPeel:
@@ -409,9 +435,18 @@ def run(
         torch.is_grad_enabled(),
         spec.key(),
     )
-    if full_key in _FAILED or full_key not in _OUT_SPECS:
+    if full_key in _FAILED or full_key in _EAGER:
         _STATS.eager += 1
-        out = eager()
+        return eager()
+    if full_key not in _OUT_SPECS:
+        _STATS.eager += 1
+        if spec.when == "auto":
+            with _OperatorCount() as count:
+                out = eager()
+            if not count.compiles(spec, base_args):
+                _EAGER[full_key] = count.flops_per_op()
+        else:
+            out = eager()
         _OUT_SPECS.setdefault(full_key, optree.tree_structure(out, none_is_leaf=False))
         return out
     runner = _compiled_runner(spec, full_key)
@@ -436,9 +471,30 @@ def _flat_out(fn: Callable[..., Any], *args: Any) -> list[Any]:
     return traced_leaves(fn(*args))
 
 
-def _auto_compiles(spec: Compile, args: Sequence[Any], carry_bytes: int) -> bool:
-    """``when="auto"``: compile on CUDA, and on the CPU for small carries."""
-    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
-    if "cuda" in devices:
-        return True
-    return carry_bytes <= spec.auto_max_bytes
+class _OperatorCount(TorchDispatchMode):
+    """Counts the operators run inside it and their FLOPs (``when="auto"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        formula = flop_registry.get(getattr(func, "_overloadpacket", None))
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+    def flops_per_op(self) -> float:
+        return self.flops / max(self.ops, 1)
+
+    def compiles(self, spec: Compile, args: Sequence[Any]) -> bool:
+        """Whether ``when="auto"`` compiles a piece whose eager call this counted."""
+        threshold = spec.auto_flops_per_op
+        if threshold is None:
+            cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+            threshold = AUTO_FLOPS_PER_OP["cuda" if cuda else "cpu"]
+        return self.flops_per_op() <= threshold

@@ -109,7 +109,6 @@ def meta_grad(
             leaves,
             eager,
             what="MAML's meta-gradient",
-            carry_bytes=_adapted_bytes(maml, params),
         )
 
 
@@ -139,8 +138,3 @@ def task_losses(
         compile=maml.compile,
     )
     return losses[0], history[0]
-
-
-def _adapted_bytes(maml: Any, params: Any) -> int:
-    adapted, _ = maml._split(params)
-    return sum(p.numel() * p.element_size() for p in adapted.values())

@@ -189,7 +189,6 @@ class _Call:
     n_xs: int
     n_consts: int
     compiled: _compile.Compile | None = None
-    carry_bytes: int = 0
 
     def step(self, index: int, carry: Leaves, xs_t: Leaves, consts: Leaves) -> tuple[Leaves, Any]:
         """One step on leaves; returns the new carry leaves and the raw ``y`` pytree."""
@@ -321,7 +320,6 @@ def _build_call(
         n_xs=len(xs_leaves),
         n_consts=len(consts_leaves),
         compiled=compiled,
-        carry_bytes=sum(_nbytes(t) for t in init_leaves) if compiled is not None else 0,
     )
     return call, init_leaves, xs_leaves, consts_leaves
 

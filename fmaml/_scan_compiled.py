@@ -101,7 +101,6 @@ def _guarded(
         args,
         eager,
         what=what,
-        carry_bytes=call.carry_bytes,
     )
 
 
