@@ -53,7 +53,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fmaml._tree import traced_leaves
 
-__all__ = ["Compile", "compile_stats", "resolve_compile", "run"]
+__all__ = ["Compile", "compile_stats", "keeps_graphs", "resolve_compile", "run"]
 
 _WHEN = ("always", "auto")
 
@@ -250,7 +250,7 @@ def _runner(fn: Callable[..., Any], *args: Any) -> Any:
 _CACHE: dict[Hashable, Any] = {}
 _FAILED: dict[Hashable, str] = {}
 _OUT_SPECS: dict[Hashable, Any] = {}
-_EAGER: dict[Hashable, float] = {}  # when="auto" chose eager (the FLOPs per operator measured)
+_EAGER: set[Hashable] = set()  # the first call decided against compiling
 _WARNED: set[str] = set()
 _LOCK = threading.Lock()
 
@@ -409,6 +409,8 @@ def run(
     eager: Callable[[], Any],
     *,
     what: str,
+    gate: Callable[[Callable[[], Any]], tuple[Any, bool]] | None = None,
+    keep_graphs: bool = False,
 ) -> Any:
     """``fn(*args)`` compiled and run from the base transform level, or ``eager()``.
 
@@ -418,9 +420,12 @@ def run(
     piece, the step's code, the pytree structures).
 
     ``eager()`` runs instead where the piece cannot be compiled: under a recording ``grad``
-    level, where ``when="auto"`` chooses eager, the first time a structure is seen (so that the
-    caller's validation and error messages come from eager code, and the output structure is
-    learnt), and after a failed compilation (which warns once).
+    level, the first time a structure is seen (so that the caller's validation and error
+    messages come from eager code, and the output structure is learnt), where that first call
+    decided against compiling (``when="auto"``, or ``gate``: ``gate(eager) -> (output,
+    compile?)`` runs the first call), and after a failed compilation (which warns once).
+    ``keep_graphs``: a scan with ``"auto"`` inside ``fn`` traces as its plain loop (the caller's
+    gate checked that it keeps its graphs).
     """
     try:
         peeled, base_args, described = _peel(functools.partial(_flat_out, fn), args)
@@ -431,7 +436,6 @@ def run(
         key,
         tuple(described),
         _describe(base_args, shapes=not spec.dynamic),
-        len(base_args),
         torch.is_grad_enabled(),
         spec.key(),
     )
@@ -440,20 +444,16 @@ def run(
         return eager()
     if full_key not in _OUT_SPECS:
         _STATS.eager += 1
-        if spec.when == "auto":
-            with _OperatorCount() as count:
-                out = eager()
-            if not count.compiles(spec, base_args):
-                _EAGER[full_key] = count.flops_per_op()
-        else:
-            out = eager()
-        _OUT_SPECS.setdefault(full_key, optree.tree_structure(out, none_is_leaf=False))
+        out, compiles = _first_call(spec, base_args, eager, gate)
+        if not compiles:
+            _EAGER.add(full_key)
+        _OUT_SPECS[full_key] = optree.tree_structure(out, none_is_leaf=False)
         return out
     runner = _compiled_runner(spec, full_key)
     first = not getattr(runner, "_fmaml_ran", False)
     rng = torch.get_rng_state() if first else None  # compiling: put the RNG back if it fails
     try:
-        with _base_level():
+        with _base_level(), _keeping_graphs(keep_graphs):
             leaves = runner(peeled, *base_args)
     except Exception as error:  # a failed compilation: eager, with one warning
         if not first:
@@ -465,6 +465,40 @@ def run(
     runner._fmaml_ran = True
     _STATS.calls += 1
     return optree.tree_unflatten(_OUT_SPECS[full_key], _rewrap(leaves, described))
+
+
+def _first_call(
+    spec: Compile,
+    args: Sequence[Any],
+    eager: Callable[[], Any],
+    gate: Callable[[Callable[[], Any]], tuple[Any, bool]] | None,
+) -> tuple[Any, bool]:
+    """The first, eager call of a structure, and whether to compile it from then on."""
+    count = _OperatorCount() if spec.when == "auto" else contextlib.nullcontext()
+    with count:
+        out, compiles = gate(eager) if gate is not None else (eager(), True)
+    if spec.when == "auto" and not count.compiles(spec, args):
+        compiles = False
+    return out, compiles
+
+
+_KEEP_GRAPHS = False
+
+
+@contextlib.contextmanager
+def _keeping_graphs(value: bool) -> Iterator[None]:
+    global _KEEP_GRAPHS
+    saved, _KEEP_GRAPHS = _KEEP_GRAPHS, value
+    try:
+        yield
+    finally:
+        _KEEP_GRAPHS = saved
+
+
+def keeps_graphs() -> bool:
+    """Whether a scan traced now belongs to a piece whose scans were found to keep their graphs
+    (then :class:`fmaml.Auto` traces as the plain loop)."""
+    return _KEEP_GRAPHS
 
 
 def _flat_out(fn: Callable[..., Any], *args: Any) -> list[Any]:

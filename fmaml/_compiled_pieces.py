@@ -1,11 +1,21 @@
-"""The pieces of :func:`fmaml.scan` that ``compile=`` compiles (through :func:`fmaml._compile.run`).
+"""What ``compile=`` compiles (each through :func:`fmaml._compile.run`).
+
+Of :func:`fmaml.scan`:
 
 - :func:`step`: one step without a graph (the forward sweep, the backward's recomputation);
 - :func:`pull_back`: one step and its vjp (the first-order backward pass of a checkpointed scan).
 
 Where the policy keeps every graph (``store_all``), ``fmaml._scan`` runs the whole loop as the one
 step of a checkpointed scan of length 1 (so both pieces are the whole loop), and inside that
-compiled step a scan is :func:`traced_loop`.
+compiled step the loop is :func:`traced_unroll`.
+
+Of :func:`fmaml._accumulate.accumulate` (the meta-loss of :class:`fmaml.MAML`):
+
+- :func:`value_and_grad`: one chunk of tasks' loss and its gradient, as one graph, when every
+  inner scan of the chunk keeps its graphs (``store_all``, or ``"auto"`` within its budget):
+  the ``vmap`` over tasks, the inner steps and the query losses compile together, and inside
+  the compiled chunk a scan is :func:`traced_loop`. Otherwise the chunk runs eagerly and its
+  scans compile their steps.
 
 ``call`` is the scan's validated call (``fmaml._scan._Call``): the step ``f``, the pytree
 structures of the carry, ``xs`` and ``consts``, and their leaf counts. Each piece is a pure
@@ -22,17 +32,36 @@ from typing import Any
 
 import torch
 
-from fmaml._compile import run
+from fmaml._compile import Compile, run
 from fmaml._tree import template, traced_fill, traced_leaves, traced_map
 
-__all__ = ["pull_back", "step", "templates", "traced_length", "traced_loop", "traced_unroll"]
+__all__ = [
+    "pull_back",
+    "step",
+    "templates",
+    "traced_length",
+    "traced_loop",
+    "traced_unroll",
+    "value_and_grad",
+]
 
 
 def _code(f: Any) -> Hashable:
-    """What identifies a step function across calls (a fresh closure has the same code)."""
+    """What identifies a function across calls: its code and the numbers, strings and flags it
+    closes over (a fresh closure has the same code; dynamo guards on the rest)."""
     f = getattr(f, "__func__", f)
     code = getattr(f, "__code__", None)
-    return code if code is not None else type(f)
+    if code is None:
+        return type(f)
+    constants = []
+    for cell in getattr(f, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if value is None or isinstance(value, bool | int | float | str):
+            constants.append(value)
+    return code, tuple(constants)
 
 
 def _key(call: Any, piece: str, *rest: Hashable) -> tuple:
@@ -207,11 +236,73 @@ def traced_loop(
 ) -> tuple[Any, Any]:
     """The scan's defining loop, for dynamo to trace: a scan inside ``torch.compile`` whose
     policy keeps every graph (the compiled function's own autograd then differentiates it)."""
-    if length == 0:
-        raise ValueError("fmaml.scan: a scan of length 0 cannot run inside torch.compile.")
+
+    def call(carry: Any, x: Any) -> tuple[Any, Any]:
+        return f(carry, x) if consts is None else f(carry, x, consts)
+
+    if length == 0:  # the structure of y from a step on zeros, as the eager scan does
+        x0 = None if xs is None else traced_map(lambda leaf: leaf.new_zeros(leaf.shape[1:]), xs)
+        _, y = call(init, x0)
+        return init, traced_map(lambda leaf: leaf.new_empty((0, *leaf.shape)), y)
     carry, ys = init, []
     for i in range(length):
         x = None if xs is None else traced_map(lambda leaf, i=i: leaf[i], xs)
-        carry, y = f(carry, x) if consts is None else f(carry, x, consts)
+        carry, y = call(carry, x)
         ys.append(y)
     return carry, traced_map(lambda *leaves: torch.stack(leaves), *ys)
+
+
+# --------------------------------------------------------------------------------------------
+# a piece of fmaml._accumulate.accumulate
+
+
+def _flat_value_and_grad(
+    piece: Callable[..., Any], t_args: Any, wanted: tuple[int, ...], *leaves: Any
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    def fn(*values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return piece(*traced_fill(t_args, iter(_put(leaves, wanted, values))))
+
+    argnums = tuple(range(len(wanted)))
+    grads, (value, aux) = torch.func.grad_and_value(fn, argnums, has_aux=True)(
+        *(leaves[j] for j in wanted)
+    )
+    return value, aux, list(grads)
+
+
+def value_and_grad(
+    spec: Compile,
+    piece: Callable[..., Any],
+    args_spec: Any,
+    wanted: Sequence[int],
+    leaves: Sequence[Any],
+    eager: Callable[[], Any],
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    """``(value, aux, gradient)`` of ``piece(*unflatten(args_spec, leaves))`` with respect to the
+    leaves at ``wanted``, as ``eager()`` returns them: compiled whole if every scan inside keeps
+    its graphs (found on the first, eager call), else ``eager()``."""
+    try:
+        t_args = template(args_spec)
+    except TypeError:  # a pytree node type the traced twins do not rebuild
+        return eager()
+    wanted = tuple(wanted)
+    return run(
+        spec,
+        ("accumulate", _code(piece), args_spec, wanted),
+        functools.partial(_flat_value_and_grad, piece, t_args, wanted),
+        list(leaves),
+        eager,
+        what="a chunk of tasks (loss and gradient)",
+        gate=_keeps_all_graphs,
+        keep_graphs=True,
+    )
+
+
+def _keeps_all_graphs(eager: Callable[[], Any]) -> tuple[Any, bool]:
+    """Run ``eager()``; compile its piece whole only if every scan in it kept its graphs (a
+    checkpointed scan cannot be traced: it compiles its own steps instead)."""
+    from fmaml._scan import WholeLoop, record_scan  # fmaml._scan imports this module
+
+    with record_scan() as stats:
+        out = eager()
+    kept = [c.keeps_graphs or isinstance(c.policy, WholeLoop) for c in stats.scans]
+    return out, all(kept)
