@@ -5,6 +5,7 @@ schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and pl
 """
 
 from fmaml import data, optim
+from fmaml._compile import Compile
 from fmaml._functional import params
 from fmaml._imaml import IMAMLInfo, imaml_adapt, imaml_grad
 from fmaml._maml import MAML, reptile_direction
@@ -16,6 +17,7 @@ from fmaml._typing import Tasks
 __all__ = [
     "Auto",
     "Binomial",
+    "Compile",
     "IMAMLInfo",
     "MAML",
     "Plan",

@@ -128,6 +128,13 @@ class Compile:
             raise TypeError(
                 f"Compile: `options` must be a dict of inductor options, got {self.options!r}."
             )
+        if self.backend != "inductor" and (self.mode is not None or self.options):
+            raise ValueError(
+                f"Compile: `mode` and `options` are inductor's; backend {self.backend!r} takes "
+                "neither. Drop them or use backend='inductor'."
+            )
+        if not isinstance(self.fullgraph, bool):
+            raise TypeError(f"Compile: `fullgraph` must be True or False, got {self.fullgraph!r}.")
         threshold = self.auto_flops_per_op
         if threshold is not None and (
             isinstance(threshold, bool)
@@ -155,11 +162,6 @@ class Compile:
                     **list_mode_options(self.mode, self.dynamic),
                     **kwargs["options"],
                 }
-        elif self.mode is not None or self.options:
-            raise ValueError(
-                f"Compile: `mode` and `options` are inductor's; backend {self.backend!r} takes "
-                "neither. Drop them or use backend='inductor'."
-            )
         return kwargs
 
     def key(self) -> Hashable:
@@ -255,11 +257,32 @@ _WARNED: set[str] = set()
 _LOCK = threading.Lock()
 
 
-def _compiled_runner(spec: Compile, key: Hashable) -> Any:
-    """A ``torch.compile``'d runner of its own (a fresh code object) for one structure."""
+#: The most structures compiled for one function; beyond, new structures run eagerly.
+MAX_STRUCTURES = 32
+_FAMILIES: dict[Hashable, int] = {}
+
+
+def _compiled_runner(spec: Compile, key: Hashable, family: Hashable, what: str) -> Any:
+    """A ``torch.compile``'d runner of its own (a fresh code object) for one structure; None
+    once ``family`` (the function) has had :data:`MAX_STRUCTURES` structures compiled."""
     with _LOCK:
         runner = _CACHE.get(key)
         if runner is None:
+            if _FAMILIES.get(family, 0) >= MAX_STRUCTURES:
+                reason = (
+                    f"more than {MAX_STRUCTURES} structures of {what} (shapes, dtypes, closures)"
+                )
+                if reason not in _WARNED:
+                    _WARNED.add(reason)
+                    warnings.warn(
+                        f"fmaml: {reason} were compiled; new ones run eagerly. A step that "
+                        "closes over a new object at every call compiles anew each time: pass "
+                        "stable objects, or compile=False.",
+                        RuntimeWarning,
+                        stacklevel=5,
+                    )
+                return None
+            _FAMILIES[family] = _FAMILIES.get(family, 0) + 1
             name = f"fmaml_compiled_{len(_CACHE)}"
             code = _runner.__code__.replace(co_name=name, co_qualname=name)
             fresh = types.FunctionType(code, _runner.__globals__, name)
@@ -276,6 +299,7 @@ def clear_cache() -> None:
         _FAILED.clear()
         _OUT_SPECS.clear()
         _EAGER.clear()
+        _FAMILIES.clear()
         _WARNED.clear()
 
 
@@ -411,6 +435,7 @@ def run(
     what: str,
     gate: Callable[[Callable[[], Any]], tuple[Any, bool]] | None = None,
     keep_graphs: bool = False,
+    family: Hashable = None,
 ) -> Any:
     """``fn(*args)`` compiled and run from the base transform level, or ``eager()``.
 
@@ -425,7 +450,8 @@ def run(
     decided against compiling (``when="auto"``, or ``gate``: ``gate(eager) -> (output,
     compile?)`` runs the first call), and after a failed compilation (which warns once).
     ``keep_graphs``: a scan with ``"auto"`` inside ``fn`` traces as its plain loop (the caller's
-    gate checked that it keeps its graphs).
+    gate checked that it keeps its graphs). ``family``: what the structures of one function
+    share (its code), for the bound :data:`MAX_STRUCTURES`.
     """
     try:
         peeled, base_args, described = _peel(functools.partial(_flat_out, fn), args)
@@ -449,16 +475,21 @@ def run(
             _EAGER.add(full_key)
         _OUT_SPECS[full_key] = optree.tree_structure(out, none_is_leaf=False)
         return out
-    runner = _compiled_runner(spec, full_key)
+    runner = _compiled_runner(spec, full_key, family, what)
+    if runner is None:  # too many structures of this function: eager (warned once)
+        _STATS.eager += 1
+        return eager()
     first = not getattr(runner, "_fmaml_ran", False)
     rng = torch.get_rng_state() if first else None  # compiling: put the RNG back if it fails
     try:
         with _base_level(), _keeping_graphs(keep_graphs):
             leaves = runner(peeled, *base_args)
     except Exception as error:  # a failed compilation: eager, with one warning
-        if not first:
+        # a later call fails to compile only when dynamo recompiles (its guards failed)
+        if not first and not isinstance(error, torch._dynamo.exc.TorchDynamoException):
             raise
-        torch.set_rng_state(rng)
+        if rng is not None:
+            torch.set_rng_state(rng)
         _fail(full_key, error, what)
         _STATS.eager += 1
         return eager()

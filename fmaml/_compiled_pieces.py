@@ -30,6 +30,7 @@ import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import optree
 import torch
 
 from fmaml._compile import Compile, run
@@ -46,22 +47,43 @@ __all__ = [
 ]
 
 
-def _code(f: Any) -> Hashable:
-    """What identifies a function across calls: its code and the numbers, strings and flags it
-    closes over (a fresh closure has the same code; dynamo guards on the rest)."""
+def _code(f: Any, depth: int = 0) -> tuple[Hashable, tuple]:
+    """What identifies a function across calls: ``(its code, what it closes over)``.
+
+    A fresh closure has the same code. Of what it closes over (or a ``functools.partial``
+    binds), numbers, strings, flags and pytree structures count by value, functions by their
+    own identity (recursively), objects with a ``_compile_key()`` by that key, other objects
+    (a model, a ``MAML``) by identity; tensors and containers do not count (dynamo guards on
+    them: tensors are inputs of the graph).
+    """
+    if isinstance(f, functools.partial):
+        code, closed = _code(f.func, depth)
+        bound = [_closed(v, depth) for v in (*f.args, *f.keywords.values())]
+        return code, (*closed, *bound)
+    owner = getattr(f, "__self__", None)
     f = getattr(f, "__func__", f)
     code = getattr(f, "__code__", None)
     if code is None:
-        return type(f)
-    constants = []
+        return type(f), (("id", id(f)),)
+    closed = [] if owner is None else [_closed(owner, depth)]
     for cell in getattr(f, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            closed.append(_closed(cell.cell_contents, depth))
         except ValueError:  # an empty cell
             continue
-        if value is None or isinstance(value, bool | int | float | str):
-            constants.append(value)
-    return code, tuple(constants)
+    return code, tuple(closed)
+
+
+def _closed(value: Any, depth: int) -> Hashable:
+    if value is None or isinstance(value, bool | int | float | str | optree.PyTreeSpec):
+        return value
+    if isinstance(value, torch.Tensor | list | tuple | dict):
+        return "-"
+    if hasattr(value, "_compile_key"):
+        return value._compile_key()
+    if callable(value) and (hasattr(value, "__code__") or isinstance(value, functools.partial)):
+        return _code(value, depth + 1) if depth < 3 else ("id", id(value))
+    return ("id", id(value))
 
 
 def _key(call: Any, piece: str, *rest: Hashable) -> tuple:
@@ -130,6 +152,7 @@ def _guarded(
         args,
         eager,
         what=what,
+        family=(piece, _code(call.f)[0]),
     )
 
 
@@ -294,6 +317,7 @@ def value_and_grad(
         what="a chunk of tasks (loss and gradient)",
         gate=_keeps_all_graphs,
         keep_graphs=True,
+        family=("accumulate", _code(piece)[0]),
     )
 
 

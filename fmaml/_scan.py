@@ -281,6 +281,11 @@ class _Call:
     def x_at(self, xs: Leaves, i: int) -> Leaves:
         return [leaf[i] for leaf in xs]
 
+    def _compile_key(self) -> tuple:
+        """What the compiled pieces of a scan are keyed by (``fmaml._compiled_pieces``)."""
+        code = _compiled_pieces._code(self.f)
+        return (code, self.length, self.init_spec, self.xs_spec, self.consts_spec)
+
     def no_graph_step(
         self,
         index: int,
@@ -418,6 +423,14 @@ def scan(
             :class:`fmaml.Binomial`).
         consts: differentiable constants of the step (a learning rate, per-parameter rates), a
             pytree of tensors passed to ``f`` unchanged at every step; their gradient is exact.
+        compile: compile the pieces the scan runs many times with ``torch.compile``: the step
+            without a graph (forward sweep, recomputation) and the step with its pull-back
+            (first-order backward pass); with ``store_all``, the whole loop as one piece.
+            ``True``, ``"auto"`` (where measured to win: small operators), a dict of
+            ``torch.compile`` options (``mode``, ``dynamic``, ``backend``, ...) or
+            :class:`fmaml.Compile`. Off by default. Results equal the eager scan's to
+            round-off; one compilation per structure (shapes, dtypes, transforms); a piece that
+            fails to compile runs eagerly after one warning. See ``docs/compile.md``.
 
     Returns:
         ``(carry, ys)``: the final carry and the per-step outputs stacked along a new dimension 0
@@ -432,6 +445,9 @@ def scan(
     With ``length`` 0, ``f`` is evaluated once without a graph (on zeros of the ``xs`` slice
     shapes) to learn the structure of ``ys``, which come back with a leading size 0; the carry is
     ``init`` itself. Forward-mode AD (``jvp``, ``jacfwd``) needs ``checkpoint="store_all"``.
+
+    Inside a function that ``torch.compile`` traces, a scan whose policy keeps every graph
+    (``store_all``) traces as the plain loop; a checkpointed scan breaks the graph.
 
     Random ops in ``f`` replay exactly on recomputation when they draw from the global CPU/CUDA
     generators (dropout, ``torch.rand``): the scan saves and restores their states. A private

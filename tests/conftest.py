@@ -42,6 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
     )
+    # inductor (tests/test_compile.py) still calls torch.jit.script_method internally
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
 
 
 #: Every implementation that ``fmaml.scan`` can run; one test body runs over all of them.
