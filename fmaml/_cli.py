@@ -238,6 +238,16 @@ def _add_train_options(parser: argparse.ArgumentParser, task: str) -> None:
         "tasks vectorised (vmap) or one by one (loop)",
         choices=("vmap", "loop"),
     )
+    opt(
+        "--compile",
+        "compile",
+        "compile the meta-gradient with torch.compile: on (bare --compile), off, or auto "
+        "(where measured to win: small models); see docs/compile.md",
+        nargs="?",
+        const="on",
+        choices=("off", "on", "auto"),
+        metavar="WHEN",
+    )
     opt("--width", "width", "hidden width of the model", type=_int_at_least(1))
 
     groups.append(parser.add_argument_group("evaluation"))
@@ -663,7 +673,8 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> int:
         print(f"fmaml train {config['task']}: {job.describe()}")
         print(
             f"  {limit}, checkpoint {config['checkpoint']}, batching {config['batching']}, "
-            f"{config['threads']} thread(s), {config['device']}{start}"
+            + ("" if config["compile"] == "off" else f"compile {config['compile']}, ")
+            + f"{config['threads']} thread(s), {config['device']}{start}"
             + (f", {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else "")
         )
         print(f"  run directory: {run_dir}", flush=True)

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "checkpoint": "auto",
     "batching": "loop",
+    "compile": "off",
     "eval_steps": [1, 10],
     "eval_inner_lr": None,
     "eval_tasks": 100,

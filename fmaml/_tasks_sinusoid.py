@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "checkpoint": "auto",
     "batching": "vmap",
+    "compile": "off",
     "eval_steps": [0, 1, 10],
     "eval_inner_lr": None,
     "eval_tasks": 1000,

@@ -501,6 +501,7 @@ def train(
         checkpoint=policy,
         first_order=cfg["first_order"],
         batching=cfg["batching"],
+        compile={"off": False, "on": True, "auto": "auto"}[cfg.get("compile", "off")],
     )
     total = cfg["iterations"]
     budget = None if cfg["time_budget"] is None else 60.0 * cfg["time_budget"]
