@@ -23,22 +23,24 @@ from torch.func import functional_call, vmap
 from fmaml import optim
 from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
 from fmaml._autodiff import grad_and_value_any, transforms_active
+from fmaml._batching import Batching, TaskFootprint, choose, default_budget
+from fmaml._footprint import SavedBytes, plain_autograd, sample
 from fmaml._functional import (
     batch_norm_in_plain_ops,
     collect_running_stats,
     inner_buffers,
     running_stats,
 )
-from fmaml._policy import Policy, resolve_policy
+from fmaml._policy import Auto, Policy, StoreAll, _check_bytes, resolve_policy
 from fmaml._rng import cuda_devices, preserve_rng
-from fmaml._scan import _tracked, scan
+from fmaml._scan import _nbytes, _tracked, record_batching, scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, Params, Tasks
 from fmaml.optim import GradientTransformation
 
 __all__ = ["MAML", "reptile_direction"]
 
-_BATCHING = ("vmap", "loop")
+_BATCHING = ("auto", "vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
 
 
@@ -77,10 +79,16 @@ class MAML:
         max_grad_grad_norm: clip the global norm of the meta-gradient flowing backward into each
             inner step to this value (torch_maml's option of the same name), for very long
             unrolls whose gradients explode. Intentionally inexact when it clips.
-        batching: ``"vmap"`` (default) vectorises over tasks, ``task_chunk`` at a time (all
-            when ``None``); ``"loop"`` runs one task at a time. The results are the same; the
-            speed differs by model and device (on a 2-core CPU a loop beat vmap for conv nets).
-        task_chunk: with ``batching="vmap"``, how many tasks to vectorise at once.
+        batching: ``"auto"`` (default) measures one task once per shape and runs the tasks in
+            a loop on the CPU when their operations are large (a conv net on tens of images),
+            else in one ``vmap`` or in chunks of ``vmap`` that fit ``memory_budget`` (see
+            ``fmaml._batching``; ``fmaml.record_scan()`` reports the choice). ``"vmap"``
+            vectorises over tasks, ``task_chunk`` at a time (all when ``None``); ``"loop"`` runs
+            one task at a time. The results are the same up to float rounding.
+        task_chunk: how many tasks to vectorise at once (implies ``batching="vmap"`` when
+            ``batching`` is ``"auto"``).
+        memory_budget: bytes of graphs and snapshots a chunk of tasks may hold for
+            ``batching="auto"`` (default: 1 GiB on the CPU, half the free memory of a GPU).
         randomness: ``torch.func.vmap``'s ``randomness`` for random ops (dropout) across tasks.
         check_finite: raise ``FloatingPointError`` naming the first task and inner step whose
             loss is NaN or inf (a few reductions; off by default, then free).
@@ -104,8 +112,9 @@ class MAML:
         first_order: bool = False,
         max_grad_grad_norm: float | None = None,
         bn_stats: str = "batch",
-        batching: str = "vmap",
+        batching: str = "auto",
         task_chunk: int | None = None,
+        memory_budget: float | None = None,
         randomness: str = "different",
         check_finite: bool = False,
     ) -> None:
@@ -148,6 +157,9 @@ class MAML:
             isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
         ):
             raise ValueError(f"MAML: `task_chunk` must be an int >= 1 or None, got {task_chunk!r}.")
+        if task_chunk is not None and batching == "auto":
+            batching = "vmap"
+        _check_bytes("MAML", "memory_budget", memory_budget)
         if randomness not in _RANDOMNESS:
             raise ValueError(
                 f"MAML: `randomness` must be one of {_RANDOMNESS}, got {randomness!r}."
@@ -172,6 +184,8 @@ class MAML:
         self.first_order = bool(first_order)
         self.batching = batching
         self.task_chunk = task_chunk
+        self.memory_budget = memory_budget
+        self._footprints: dict[tuple, TaskFootprint] = {}
         self.randomness = randomness
         self.check_finite = bool(check_finite)
         self._names = [name for name, _ in model.named_parameters()]
@@ -265,9 +279,16 @@ class MAML:
         return (optim.apply_updates(adapted, updates), state, stats), value.detach()
 
     def _adapt_one(
-        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
+        self,
+        params: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy | None = None,
     ) -> tuple[Params, torch.Tensor]:
         """``k`` inner steps on one task; returns the adapted params and the (k,) loss history."""
+        policy = self.checkpoint if policy is None else policy
         adapted, frozen = self._split(params)
         if self.first_order:
             # First-order MAML: θ_k = θ + Δ with Δ constant in θ, so the inner loop needs no
@@ -281,14 +302,10 @@ class MAML:
                         plain, support, k, per_step, None, rest, "store_all"
                     )
             else:
-                new, history, stats = self._unroll(
-                    plain, support, k, per_step, hyper, rest, self.checkpoint
-                )
+                new, history, stats = self._unroll(plain, support, k, per_step, hyper, rest, policy)
             new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
         else:
-            new, history, stats = self._unroll(
-                adapted, support, k, per_step, hyper, frozen, self.checkpoint
-            )
+            new, history, stats = self._unroll(adapted, support, k, per_step, hyper, frozen, policy)
         return {**{name: new.get(name, frozen.get(name)) for name in params}, **stats}, history
 
     def _unroll(
@@ -365,9 +382,12 @@ class MAML:
                     "MAML.adapt: `support` holds no tasks (batched=True, but its leaves have a "
                     "leading size 0); pass at least one task."
                 )
+            run = self._batching(params, support, None, k, per_step, hyper, n_tasks)
             parts = [
-                self._adapt_tasks(params, _slice_tree(support, start, stop), k, per_step, hyper)
-                for start, stop in self._chunks(n_tasks)
+                self._adapt_tasks(
+                    params, _slice_tree(support, start, stop), k, per_step, hyper, run
+                )
+                for start, stop in run.chunks(n_tasks)
             ]
             adapted = {name: torch.cat([a[name] for a, _ in parts]) for name in parts[0][0]}
             history = torch.cat([h for _, h in parts])
@@ -443,16 +463,19 @@ class MAML:
         if transforms_active() and eager_gradient_applies():
             self._check_no_closure(params, tasks, hyper)
 
+        run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+
         def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-            def run(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
-                losses, history = self._task_losses(p, _slice_tasks(t, start, stop), k, per_step, h)
+            def chunk_loss(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk = _slice_tasks(t, start, stop)
+                losses, history = self._task_losses(p, chunk, k, per_step, h, run)
                 if self.check_finite:
                     _raise_if_not_finite(history, start)
                 return losses.sum() / n_tasks, history
 
-            return run
+            return chunk_loss
 
-        pieces = [piece(start, stop) for start, stop in self._chunks(n_tasks)]
+        pieces = [piece(start, stop) for start, stop in run.chunks(n_tasks)]
         try:
             loss, history = accumulate(pieces, (params, hyper, tasks), name="MAML")
         except ClosureError as error:
@@ -502,33 +525,115 @@ class MAML:
     # ---------------------------------------------------------------------------------------
     # internals
 
-    def _chunks(self, n_tasks: int) -> list[tuple[int, int]]:
-        size = 1 if self.batching == "loop" else (self.task_chunk or n_tasks)
-        return [(s, min(s + size, n_tasks)) for s in range(0, n_tasks, size)]
+    def _batching(
+        self,
+        params: Params,
+        support: Batch,
+        query: Batch | None,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        n_tasks: int,
+    ) -> Batching:
+        """How this call runs its tasks (``batching``; the rule of ``fmaml._batching``)."""
+        if self.batching == "loop":
+            run = Batching("loop", None, "batching='loop'")
+        elif self.batching == "vmap":
+            run = Batching("vmap", self.task_chunk, "batching='vmap'")
+        else:
+            footprint = self._footprint(params, support, query, per_step, hyper)
+            device = next(iter(params.values())).device
+            budget = int(self.memory_budget or default_budget(device))
+            run = choose(footprint, n_tasks, k, device, budget, self._checkpoint_budget(k))
+        record_batching(run)
+        return run
+
+    def _checkpoint_budget(self, k: int) -> float:
+        """The most one task's inner loop holds under ``checkpoint`` (for ``batching="auto"``)."""
+        if isinstance(self.checkpoint, Auto):
+            return self.checkpoint.budget
+        return math.inf if isinstance(self.checkpoint, StoreAll) else 0
+
+    def _footprint(
+        self, params: Params, support: Batch, query: Batch | None, per_step: bool, hyper: Any
+    ) -> TaskFootprint:
+        """One task's step and query graphs, measured once per shape on plain samples."""
+        support0 = _slice_tree(support, 0, None, index=True)
+        if per_step:
+            support0 = _slice_tree(support0, 0, None, index=True)
+        query0 = None if query is None else _slice_tree(query, 0, None, index=True)
+        key = _shape_key((params, support0, query0, hyper))
+        if key not in self._footprints:
+            self._footprints[key] = self._measure(params, support0, query0, hyper)
+        return self._footprints[key]
+
+    def _measure(
+        self, params: Params, support0: Batch, query0: Batch | None, hyper: Any
+    ) -> TaskFootprint:
+        devices = cuda_devices(params.values())
+        with preserve_rng(devices), plain_autograd(), torch.enable_grad():
+            p = {n: sample(t).requires_grad_() for n, t in params.items()}
+            h = optree.tree_map(_sample_tracked, hyper, none_is_leaf=False)
+            mine = [*p.values(), *flatten(h)[0]]
+            with SavedBytes(mine) as step:
+                self.inner_step(p, optree.tree_map(sample, support0), h)
+            query = SavedBytes(mine)
+            if query0 is not None:
+                with query:
+                    self.loss(p, optree.tree_map(sample, query0))
+        adapted, _ = self._split(p)
+        carry = flatten((adapted, self.inner_opt.init(adapted), self._initial_stats()))[0]
+        return TaskFootprint(
+            step_bytes=step.bytes,
+            query_bytes=query.bytes,
+            carry_bytes=sum(_nbytes(t) for t in carry if isinstance(t, torch.Tensor)),
+            param_bytes=sum(_nbytes(t) for t in p.values()),
+            tensors=step.tensors + query.tensors + len(p),
+        )
+
+    def _chunk_policy(self, run: Batching, size: int) -> Policy:
+        """The checkpoint policy of a chunk of ``size`` tasks: the default ``"auto"`` budget is
+        per task, so a ``vmap`` of ``size`` tasks gets ``size`` times it."""
+        if run.mode == "vmap" and size > 1 and self.checkpoint == Auto():
+            return Auto(budget_bytes=size * Auto().budget)
+        return self.checkpoint
 
     def _task_losses(
-        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any
+        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._task_loss(params, support, query, k, per_step, hyper)
+        n = _n_tasks(tasks.support)
+        policy = self._chunk_policy(run, n)
 
-        if self.batching == "loop" or _n_tasks(tasks.support) == 1:
+        def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._task_loss(params, support, query, k, per_step, hyper, policy)
+
+        if run.mode == "loop" or n == 1:
             # a chunk of one task needs no vmap (which would turn convolutions with per-task
             # weights into slower grouped convolutions)
-            loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
-            return loss[None], history[None]
+            if n == 1:
+                loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
+                return loss[None], history[None]
+            parts = [one(*_slice_tasks(tasks, t, None, index=True)) for t in range(n)]
+            return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
         if self.max_grad_grad_norm is not None:
-            own = self._per_task_params(params, _n_tasks(tasks.support))
+            own = self._per_task_params(params, n)
             return vmap(
-                lambda a, s, q: self._task_loss({**params, **a}, s, q, k, per_step, hyper),
+                lambda a, s, q: self._task_loss({**params, **a}, s, q, k, per_step, hyper, policy),
                 randomness=self.randomness,
             )(own, tasks.support, tasks.query)
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
 
     def _task_loss(
-        self, params: Params, support: Batch, query: Batch, k: int, per_step: bool, hyper: Any
+        self,
+        params: Params,
+        support: Batch,
+        query: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        adapted, history = self._adapt_one(params, support, k, per_step, hyper)
+        adapted, history = self._adapt_one(params, support, k, per_step, hyper, policy)
         return self.loss(adapted, query), history
 
     def _per_task_params(self, params: Params, n_tasks: int) -> Params:
@@ -541,26 +646,29 @@ class MAML:
         return {name: p.expand(n_tasks, *p.shape) for name, p in adapted.items()}
 
     def _adapt_tasks(
-        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
+        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any, run: Batching
     ) -> tuple[Params, torch.Tensor]:
-        """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``batching`` says."""
-        if self.batching == "loop":
+        """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``run`` says."""
+        n = _n_tasks(support)
+        policy = self._chunk_policy(run, n)
+        if run.mode == "loop":
             parts = [
                 self._adapt_one(
-                    params, _slice_tree(support, t, None, index=True), k, per_step, hyper
+                    params, _slice_tree(support, t, None, index=True), k, per_step, hyper, policy
                 )
-                for t in range(flatten(support)[0][0].shape[0])
+                for t in range(n)
             ]
             adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
             return adapted, torch.stack([h for _, h in parts])
         if self.max_grad_grad_norm is not None:  # see _per_task_params
-            own = self._per_task_params(params, _n_tasks(support))
+            own = self._per_task_params(params, n)
             return vmap(
-                lambda a, s: self._adapt_one({**params, **a}, s, k, per_step, hyper),
+                lambda a, s: self._adapt_one({**params, **a}, s, k, per_step, hyper, policy),
                 randomness=self.randomness,
             )(own, support)
         fn = vmap(
-            lambda s: self._adapt_one(params, s, k, per_step, hyper), randomness=self.randomness
+            lambda s: self._adapt_one(params, s, k, per_step, hyper, policy),
+            randomness=self.randomness,
         )
         return fn(support)
 
@@ -741,6 +849,20 @@ def _raise_if_not_finite(history: torch.Tensor, offset: int | None) -> None:
             f"MAML: the inner loss is {history[tuple(where)].item()} at task {task}, inner step "
             f"{step} (the first non-finite value). Lower `inner_lr` or check the data."
         )
+
+
+def _shape_key(tree: Any) -> tuple:
+    """What a measurement depends on: the structure, shapes, dtypes and devices of ``tree``."""
+    leaves, spec = flatten(tree)
+    return (spec, *((tuple(t.shape), t.dtype, t.device) for t in leaves))
+
+
+def _sample_tracked(t: Any) -> Any:
+    """A plain sample of a hyperparameter, requiring grad where it is differentiable."""
+    out = sample(t)
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        out.requires_grad_()
+    return out
 
 
 def _resolve_subset(adapt_only: Sequence[str] | None, names: list[str]) -> frozenset | None:

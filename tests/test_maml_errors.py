@@ -236,7 +236,7 @@ def test_loss_fn_and_forward_exactly_one():
         (
             {"batching": "map"},
             ValueError,
-            r"`batching` must be one of \('vmap', 'loop'\), got 'map'",
+            r"`batching` must be one of \('auto', 'vmap', 'loop'\), got 'map'",
         ),
         ({"task_chunk": 0}, ValueError, r"`task_chunk` must be an int >= 1 or None, got 0"),
         ({"task_chunk": -2}, ValueError, r"`task_chunk` must be an int >= 1 or None, got -2"),
@@ -245,6 +245,9 @@ def test_loss_fn_and_forward_exactly_one():
         ({"checkpoint": "revolve"}, ValueError, r"MAML: unknown `checkpoint` 'revolve'"),
         ({"checkpoint": 3}, ValueError, r"MAML: unknown `checkpoint` 3"),
         ({"randomness": "fixed"}, ValueError, r"`randomness` must be one of"),
+        ({"memory_budget": -1}, ValueError, r"MAML: `memory_budget` must be a number of bytes"),
+        ({"memory_budget": "1G"}, ValueError, r"`memory_budget` must be .* got '1G'"),
+        ({"memory_budget": float("nan")}, ValueError, r"`memory_budget` must be .* got nan"),
     ],
 )
 def test_bad_constructor_options(kwargs, error, match):
