@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fmaml
-from fmaml.__main__ import main
+from fmaml.app.main import main
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(
@@ -77,7 +77,7 @@ def test_plan_conv4_auto_and_model_bytes(capsys):
 
 
 def _conv4():
-    from fmaml._tasks_omniglot import DEFAULTS, build_model
+    from fmaml.app.jobs.omniglot import DEFAULTS, build_model
 
     return build_model(DEFAULTS)
 
@@ -92,7 +92,7 @@ def test_plan_counts_match_a_real_scan(policy: str, capsys):
     numbers = [c for c in columns if c.isdigit()]
     forward, recomputed, graph = map(int, numbers[-3:])
 
-    from fmaml._cli import plan_policies
+    from fmaml.app.plan import plan_policies
 
     x = torch.tensor(0.5, dtype=torch.float64)
     with fmaml.record_scan() as stats:

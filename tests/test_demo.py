@@ -7,7 +7,7 @@ import re
 import pytest
 
 import fmaml
-from fmaml.__main__ import main
+from fmaml.app.main import main
 
 
 def test_demo_prints_plans_and_agreeing_meta_gradients(capsys: pytest.CaptureFixture) -> None:

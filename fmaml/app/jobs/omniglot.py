@@ -22,8 +22,8 @@ from torch import nn
 from torch.func import functional_call
 
 import fmaml
-from fmaml._train import evaluate_steps, interval
 from fmaml._typing import Params, Tasks
+from fmaml.app.evaluation import evaluate_steps, interval
 from fmaml.data import (
     OmniglotCharacters,
     as_tasks,
@@ -186,7 +186,7 @@ def load_data(config: dict[str, Any]) -> OmniglotData:
 
 
 class OmniglotJob:
-    """The Omniglot benchmark for :func:`fmaml._train.train`."""
+    """The Omniglot benchmark for :func:`fmaml.app.loop.train`."""
 
     def __init__(self, config: dict[str, Any], data: OmniglotData) -> None:
         self.config = config

@@ -22,7 +22,7 @@ from torch.func import grad
 import fmaml
 from fmaml._policy import resolve_policy
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_command", "run"]
 
 Params = dict[str, torch.Tensor]
 
@@ -34,8 +34,17 @@ POLICIES = ("store_all", "auto", "binomial")
 TOLERANCE = 1e-10
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fmaml demo``."""
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to ``fmaml``'s commands."""
+    parser = commands.add_parser(
+        "demo",
+        help="checkpoint plans and an exact meta-gradient (a few seconds)",
+        description=(
+            "Print the checkpoint plans of a scan under the default policy and 'binomial', then "
+            "compute a MAML meta-gradient with fmaml.scan under 'store_all', the default policy "
+            "and 'binomial' and check that they agree."
+        ),
+    )
     parser.add_argument(
         "--length", type=_positive, default=100, help="scan length for the plans (default: 100)"
     )
@@ -43,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=_positive, default=25, help="inner SGD steps of the MAML (default: 25)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the MLP")
+    parser.set_defaults(run=run)
 
 
 def _positive(text: str) -> int:

@@ -1,0 +1,367 @@
+"""``fmaml train TASK``: resolve the options, prepare the run directory, train, evaluate, report.
+
+The resolved configuration is the job's defaults, overridden by the saved ``config.json`` of a
+``--resume``-d run, overridden by the options given (:mod:`fmaml.app.options`). Everything is
+checked, the data read included, before the run directory is created: a bad command writes
+nothing. Exit statuses: :mod:`fmaml.app.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fmaml import __version__, distributed
+from fmaml.app import jobs
+from fmaml.app.errors import CLIError, RunStopped
+from fmaml.app.files import write_json
+from fmaml.app.loop import train
+from fmaml.app.metrics import plot_training_curve
+from fmaml.app.options import FIXED_ON_RESUME, add_train_options, parse_policy, show
+from fmaml.app.rundir import new_run_dir, read_run
+
+__all__ = ["add_command", "run"]
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``train`` (with one subcommand per job) to ``fmaml``'s commands."""
+    train_p = commands.add_parser(
+        "train",
+        help="meta-train MAML on sinusoid regression or Omniglot, then evaluate",
+        description="Meta-train MAML with Adam, evaluate on held-out tasks, write a run "
+        "directory (metrics, config, parameters, resume state, evaluation, figures).",
+    )
+    tasks = train_p.add_subparsers(dest="task", metavar="TASK", required=True)
+    sin = tasks.add_parser(
+        "sinusoid",
+        help="sinusoid regression (Finn et al., 2017), about two minutes",
+        description="MAML's sinusoid regression: amplitude in [0.1, 5], phase in [0, pi], "
+        "x in [-5, 5], MLP 1-40-40-1 ReLU, K-shot MSE. Prints the query MSE of 1000 "
+        "held-out tasks after 0, 1 and 10 steps with 95% intervals.",
+    )
+    add_train_options(sin, "sinusoid")
+    sin.set_defaults(run=run)
+    omni = tasks.add_parser(
+        "omniglot",
+        help="N-way K-shot Omniglot with conv4 (default 20-way 1-shot)",
+        description="MAML on Omniglot: conv4, 28x28, N-way K-shot episodes with rotation "
+        "augmentation, trained on the background characters, evaluated after 1 and 10 steps "
+        "on held-out characters and on the 20 official one-shot runs.",
+    )
+    add_train_options(omni, "omniglot")
+    omni.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fmaml train TASK``: returns the exit status; errors are one line on stderr.
+
+    Under ``torchrun --nproc-per-node=N`` the same command trains data-parallel: every rank
+    checks that it was started with the same options, rank 0 prepares the run directory, the
+    ranks share each meta-batch (:func:`fmaml.distributed.distributed_meta_grad`) and the
+    evaluation, and only rank 0 prints and writes. An error every rank shares is printed once.
+    """
+    prog = f"fmaml train {args.task}"
+    threads = torch.get_num_threads()
+    main = True
+    try:
+        device = _requested_device(args)
+        backend = None if device.startswith("cuda") else "gloo"
+        with distributed.setup(backend=backend, device=device) as ctx:
+            main = ctx.is_main
+            try:
+                return _train(args, ctx)
+            except (CLIError, RunStopped) as e:
+                if ctx.world_size > 1 and not getattr(e, "shared", True):
+                    # this rank alone failed (a save): stop the others too (see fail_together)
+                    _print_error(prog, e)
+                    distributed._fail(e)
+                elif main:  # the same on every rank: print it once, no need to abort
+                    _print_error(prog, e)
+                return e.status
+    except CLIError as e:
+        if main:
+            _print_error(prog, e)
+        return e.status
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _print_error(prog: str, e: CLIError | RunStopped) -> None:
+    label = "error: " if isinstance(e, CLIError) else ""
+    print(f"{prog}: {label}{e}", file=sys.stderr)
+
+
+def _requested_device(args: argparse.Namespace) -> str:
+    """The device the run will use (given, or a resumed run's, or the default), checked."""
+    device = getattr(args, "device", None)
+    resume = getattr(args, "resume", None)
+    if device is None and resume is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            device = json.loads((Path(resume) / "config.json").read_text()).get("device")
+    device = device if isinstance(device, str) else jobs.defaults(args.task)["device"]
+    _check_device(device)
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CLIError(
+            f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
+            "pass --device cuda"
+        )
+    return device
+
+
+def _together(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raises :class:`CLIError` on any, the same error on all."""
+    try:
+        value, error = fn(), None
+    except CLIError as e:
+        value, error = None, e
+    if ctx.world_size == 1:
+        if error is not None:
+            raise error
+        return value
+    errors: list[Any] = [None] * ctx.world_size
+    mine = None if error is None else (str(error), error.status)
+    torch.distributed.all_gather_object(errors, mine)
+    bad = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if bad:
+        messages = {m for _, (m, _) in bad}
+        if len(messages) == 1 and len(bad) == ctx.world_size:
+            text = bad[0][1][0]
+        else:
+            text = "; ".join(f"rank {rank}: {m}" for rank, (m, _) in bad)
+        raise CLIError(text, bad[0][1][1])
+    return value
+
+
+def _on_main(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; every rank gets its result, or raises its :class:`CLIError`."""
+    if ctx.world_size == 1:
+        return fn()
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except CLIError as e:
+            box[0] = ("error", str(e), e.status)
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise CLIError(box[0][1], box[0][2])
+    return box[0][1]
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+    """The resolved configuration, the resume state (or None) and the run directory."""
+    task = args.task
+    given = {k: v for k, v in vars(args).items() if k not in ("task", "command", "run")}
+    resume_dir = given.pop("resume", None)
+    out = given.pop("out", None)
+    quiet = given.pop("quiet", False)
+    config = dict(jobs.defaults(task))
+    state = None
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        saved, state = read_run(run_dir, task)
+        if out is not None and Path(out).resolve() != run_dir.resolve():
+            raise CLIError(
+                f"--out {out} and --resume {resume_dir} name different directories; a resumed "
+                "run continues in its own directory, so drop --out"
+            )
+        for key in FIXED_ON_RESUME:
+            if key in given and key in saved and given[key] != saved[key]:
+                flag = "--" + key.replace("_", "-")
+                raise CLIError(
+                    f"--resume {resume_dir}: that run was trained with {flag} "
+                    f"{show(saved[key])}, not {show(given[key])}; drop {flag} to continue it, "
+                    "or start a new run without --resume"
+                )
+        config.update({k: v for k, v in saved.items() if k in config})
+        for key in ("data", "history"):
+            if key in saved:
+                config[key] = saved[key]
+    else:
+        run_dir = new_run_dir(task, out)
+    config.update(given)
+    if "time_budget" in given and "iterations" not in given:
+        config["iterations"] = None
+    if config["eval_inner_lr"] is None:
+        config["eval_inner_lr"] = config["inner_lr"]
+    config["task"] = task
+    config["quiet"] = quiet
+    return config, state, run_dir
+
+
+def _check(config: dict[str, Any]) -> None:
+    _check_device(config["device"])
+    if config["task"] == "omniglot" and not config.get("data_dir"):
+        raise CLIError("--data-dir is required: the folder with the Omniglot zips")
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(
+                f"--device {device}: CUDA is not available (torch {torch.__version__}); use "
+                "--device cpu"
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise CLIError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0"
+            )
+
+
+def _make_job(config: dict[str, Any], state: dict[str, Any] | None) -> Any:
+    if config["task"] == "sinusoid":
+        from fmaml.app.jobs.sinusoid import SinusoidJob
+
+        return SinusoidJob(config)
+    from fmaml.app.jobs.omniglot import DataError, OmniglotJob, load_data
+
+    try:
+        data = load_data(config)
+    except DataError as e:
+        raise CLIError(str(e).rstrip(".")) from e
+    fingerprint = data.fingerprint()
+    saved = config.get("data")
+    if state is not None and saved is not None and saved != fingerprint:
+        raise CLIError(
+            f"--data-dir {config['data_dir']} holds other characters than the run was trained "
+            f"on ({fingerprint['train_classes']} training classes, not "
+            f"{saved['train_classes']}); pass the run's original --data-dir"
+        )
+    config["data"] = fingerprint
+    config["data_dir"] = str(Path(config["data_dir"]).resolve())  # resumable from anywhere
+    return OmniglotJob(config, data)
+
+
+def _train(args: argparse.Namespace, ctx: distributed.Context) -> int:
+    try:
+        distributed.check_same_config({k: v for k, v in vars(args).items() if k != "run"})
+    except ValueError as e:
+        raise CLIError(str(e).replace("fmaml.distributed.check_same_config: ", "")) from e
+
+    def prepare() -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+        config, state, run_dir = _resolve(args)
+        _check(config)
+        return config, state, run_dir
+
+    # rank 0 picks the run directory (and reads a resumed state) for every rank
+    config, state, run_dir = _on_main(ctx, prepare)
+    policy = parse_policy(config["checkpoint"])
+    torch.set_num_threads(config["threads"])
+    job = _together(ctx, lambda: _make_job(config, state))
+    quiet = config.pop("quiet") or not ctx.is_main
+    # all checks passed: only now is anything written
+    resumed = state is not None
+
+    def create() -> dict[str, Any]:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=resumed)
+        except OSError as e:
+            raise CLIError(
+                f"cannot create the run directory {run_dir} ({e}); pass another --out"
+            ) from e
+        config.update(_provenance(config, run_dir, job, resumed, ctx.world_size))
+        write_json(run_dir / "config.json", config)
+        return config
+
+    config = _on_main(ctx, create)
+    if not quiet:
+        start = f", resuming at iteration {state['iteration']}" if resumed else ""
+        limit = _limit(config)
+        print(f"fmaml train {config['task']}: {job.describe()}")
+        print(
+            f"  {limit}, checkpoint {config['checkpoint']}, batching {config['batching']}, "
+            f"{config['threads']} thread(s), {config['device']}{start}"
+            + (f", {ctx.world_size} processes ({ctx.backend})" if ctx.world_size > 1 else "")
+        )
+        print(f"  run directory: {run_dir}", flush=True)
+    try:
+        result, model, params = train(
+            job, run_dir, policy=policy, resume=state, quiet=quiet, ctx=ctx
+        )
+    except OSError as e:  # a failed save (rank 0 only): the previous state.pt is intact
+        stopped = RunStopped(
+            f"error: cannot write to the run directory ({e}); free space or fix permissions, "
+            f"then continue with: fmaml train {config['task']} --resume {run_dir}",
+            1,
+        )
+        stopped.shared = False
+        raise stopped from e
+    if not quiet:
+        print("evaluating ...", file=sys.stderr, flush=True)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    evaluation = job.evaluate(model, params)  # sharded over the ranks
+    eval_wall, eval_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if not ctx.is_main:
+        return 0
+    report = {
+        "task": config["task"],
+        "iterations": result.iteration,
+        "stopped_by": result.stopped_by,
+        "train_time_s": round(result.elapsed, 3),
+        "train_cpu_time_s": round(result.cpu_time, 3),
+        "eval_time_s": round(eval_wall, 3),
+        "eval_cpu_time_s": round(eval_cpu, 3),
+        **evaluation,
+    }
+    write_json(run_dir / "eval.json", report)
+    try:
+        import matplotlib  # noqa: F401  (figures are optional: matplotlib is not a dependency)
+    except ImportError:
+        print("note: matplotlib is not installed, so no figures (pip install matplotlib)")
+    else:
+        title = f"fmaml train {config['task']}"
+        plot_training_curve(run_dir / "training_curve.png", result.records, title)
+        job.plot(run_dir, model, params)
+    for line in job.summary(evaluation):
+        print(line)
+    per_it = result.elapsed / result.iteration * 1e3 if result.iteration else math.nan
+    print(
+        f"trained {result.iteration} iterations"
+        f"{' (time budget reached)' if result.stopped_by == 'time budget' else ''} in "
+        f"{result.elapsed:.1f} s, CPU {result.cpu_time:.1f} s ({per_it:.2f} ms per iteration); "
+        f"evaluated in {eval_wall:.1f} s"
+    )
+    print(f"run directory: {run_dir}", flush=True)
+    return 0
+
+
+def _limit(config: dict[str, Any]) -> str:
+    parts = []
+    if config["iterations"] is not None:
+        parts.append(f"{config['iterations']} iterations")
+    if config["time_budget"] is not None:
+        parts.append(f"time budget {config['time_budget']:g} min")
+    return " or ".join(parts)
+
+
+def _provenance(
+    config: dict[str, Any], run_dir: Path, job: Any, resumed: bool, processes: int
+) -> dict[str, Any]:
+    model = job.build_model()
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    history = list(config.get("history", []))
+    history.append(
+        {"started": now, "resumed": resumed, "argv": sys.argv[1:], "processes": processes}
+    )
+    return {
+        "model": " ".join(repr(model).split()),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "run_dir": str(run_dir),
+        "fmaml": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "history": history,
+    }
