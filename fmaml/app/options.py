@@ -93,6 +93,19 @@ def steps_list(text: str) -> list[int]:
     return sorted(set(steps))
 
 
+#: ``--checkpoint NAME:N``: what the number means for each name that takes one, and the policy.
+_NUMBERED: dict[str, tuple[str, Callable[[int], Policy]]] = {
+    "binomial": ("the number of snapshots", lambda n: Binomial(snapshots=n)),
+    "uniform": ("the steps between snapshots", lambda n: Uniform(every=n)),
+    "sqrt": ("the steps between snapshots", lambda n: Uniform(every=n)),
+    "auto": ("the most snapshots", lambda n: Auto(max_snapshots=n)),
+}
+_POLICY_SPELLINGS = (
+    "store_all, sqrt, binomial, auto, binomial:S (S snapshots), uniform:N (a snapshot every N "
+    "steps) or auto:S (at most S snapshots)"
+)
+
+
 def parse_policy(text: str) -> Policy:
     """A checkpoint policy from its command-line spelling.
 
@@ -100,28 +113,27 @@ def parse_policy(text: str) -> Policy:
     with a number: ``binomial:S`` (``Binomial(snapshots=S)``), ``sqrt:N``/``uniform:N``
     (``Uniform(every=N)``), ``auto:S`` (``Auto(max_snapshots=S)``).
     """
-    name, _, number = text.partition(":")
-    if not number:
+    name, colon, number = text.partition(":")
+    if not colon:
         try:
             return resolve_policy(name, owner="--checkpoint")
         except ValueError:
             pass
-    else:
+    elif name in _NUMBERED:
+        meaning, make = _NUMBERED[name]
         try:
             n = int(number)
         except ValueError:
             n = 0
-        if n >= 1:
-            if name == "binomial":
-                return Binomial(snapshots=n)
-            if name in ("sqrt", "uniform"):
-                return Uniform(every=n)
-            if name == "auto":
-                return Auto(max_snapshots=n)
-    raise argparse.ArgumentTypeError(
-        f"unknown policy {text!r}; use store_all, sqrt, binomial, auto, binomial:S (S "
-        "snapshots), uniform:N (a snapshot every N steps) or auto:S (at most S snapshots)"
-    )
+        if n < 1 or not number.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"in {text!r} the number after {name}: is {meaning}, an integer >= 1, got "
+                f"{number!r}; for example {name}:4"
+            )
+        return make(n)
+    elif name == "store_all":
+        raise argparse.ArgumentTypeError(f"store_all takes no number, got {text!r}; use store_all")
+    raise argparse.ArgumentTypeError(f"unknown policy {text!r}; use {_POLICY_SPELLINGS}")
 
 
 def policy_text(text: str) -> str:
@@ -194,7 +206,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
         "--log-every", "log_every", "log the meta-loss every N iterations", _RUN, int_at_least(1)
     ),
     Option("--seed", "seed", "seed of the model's initialisation and of the tasks", _RUN, int),
-    Option("--device", "device", "cpu, cuda or cuda:N", _RUN, device),
+    Option("--device", "device", "cpu, cuda or cuda:N", _RUN, device, metavar="DEVICE"),
     Option("--threads", "threads", "torch CPU threads", _RUN, int_at_least(1)),
     Option("--quiet", "quiet", "print only the final lines", _RUN, action="flag"),
     Option("--meta-batch", "meta_batch", "tasks per meta-batch", _META, int_at_least(1)),

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
+from fmaml._schedule import Plan
 from fmaml.app import jobs
 from fmaml.app.options import int_at_least
 
-__all__ = ["add_command", "plan_policies", "run"]
+__all__ = [
+    "PER_STEP",
+    "StepCost",
+    "add_command",
+    "describe_plan",
+    "label",
+    "plan_policies",
+    "plural",
+    "run",
+    "step_cost",
+]
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -84,29 +97,72 @@ def _model_bytes(model: str) -> tuple[int, str]:
     return n * 4, f"{label}: {n:,} float32 parameters"
 
 
-def _cost(policy: Policy, length: int, carry: int) -> dict[str, Any]:
-    """Step evaluations and snapshots of ``policy`` for one forward and backward pass."""
+#: The one measure of compute that ``fmaml plan`` and ``fmaml demo`` print, and its definition.
+PER_STEP = (
+    "evals/step = (forward + recomputed + with graph) / K: every evaluation of the step\n"
+    "function for one gradient, per inner step (1.00: store_all; 2.00: no recomputation)"
+)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one gradient (forward and backward pass) through a ``length``-step scan costs.
+
+    Attributes:
+        length: the number of steps ``K``.
+        snapshots: carries the plan holds at most (the initial carry counts as one); ``None``
+            when every step's graph is kept (no plan).
+        forward: steps evaluated without a graph in the forward pass (the last one included).
+        recomputed: steps evaluated again without a graph in the backward pass.
+        graph: steps evaluated with a graph (``store_all``: in the forward pass, and kept).
+        carry_bytes: the size of one carry.
+        plan: the plan, or ``None``.
+    """
+
+    length: int
+    snapshots: int | None
+    forward: int
+    recomputed: int
+    graph: int
+    carry_bytes: int
+    plan: Plan | None
+
+    @property
+    def evaluations(self) -> int:
+        """Every evaluation of the step function for one gradient."""
+        return self.forward + self.recomputed + self.graph
+
+    @property
+    def per_step(self) -> float:
+        """:attr:`evaluations` divided by ``K`` (see :data:`PER_STEP`)."""
+        return self.evaluations / self.length if self.length else 0.0
+
+    def memory(self) -> str:
+        """The snapshots' bytes, or for no plan the step graphs kept (each larger than a carry)."""
+        if self.snapshots is None:
+            graphs = plural(self.length, "step graph")
+            return f"{graphs}, over {_bytes(self.length * self.carry_bytes)}"
+        return _bytes(self.snapshots * self.carry_bytes)
+
+
+def step_cost(policy: Policy, length: int, carry_bytes: int) -> StepCost:
+    """The :class:`StepCost` of ``policy`` for a scan of ``length`` steps of ``carry_bytes``.
+
+    These are the counts :func:`fmaml.record_scan` reports for a real scan (tested).
+    """
     if policy.stores_all(length):
-        return {
-            "snapshots": None,
-            "forward": 0,
-            "recomputed": 0,
-            "graph": length,
-            "evaluations": length,
-            "memory": f"{length} step graphs, over {_bytes(length * carry)}",
-        }
-    plan = policy.plan(length, carry)
-    forward = sum(a.stop - a.start for a in plan.forward if hasattr(a, "stop")) + 1
-    recomputed = plan.evaluations - (forward - 1)
-    return {
-        "snapshots": plan.snapshots,
-        "forward": forward,
-        "recomputed": recomputed,
-        "graph": length,
-        "evaluations": forward + recomputed + length,
-        "memory": _bytes(plan.snapshots * carry),
-        "plan": plan,
-    }
+        return StepCost(length, None, 0, 0, length, carry_bytes, None)
+    plan = policy.plan(length, carry_bytes)
+    swept = sum(a.stop - a.start for a in plan.forward if hasattr(a, "stop"))
+    # the forward sweep, then the last step (its output is the scan's result)
+    return StepCost(
+        length, plan.snapshots, swept + 1, plan.evaluations - swept, length, carry_bytes, plan
+    )
+
+
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun``, with an s unless ``n`` is 1: ``1 step graph``, ``2 step graphs``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _bytes(n: float) -> str:
@@ -117,27 +173,73 @@ def _bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def _label(policy: Policy, length: int, carry: int) -> str:
+def describe_plan(plan: Plan, head: int = 6) -> str:
+    """One line: the plan's actions and the first ``head`` of them."""
+    actions = plan.forward + plan.backward
+    shown = ", ".join(
+        f"{type(a).__name__}({', '.join(map(str, dataclasses.astuple(a)))})" for a in actions[:head]
+    )
+    more = f", ... ({len(actions) - head} more)" if len(actions) > head else ""
+    return (
+        f"{plural(len(plan.forward), 'action')} in the forward pass, {len(plan.backward)} in the "
+        f"backward pass: {shown}{more}"
+    )
+
+
+def label(policy: Policy, length: int) -> str:
+    """A policy as ``--checkpoint`` spells it (``sqrt`` with its interval)."""
     if isinstance(policy, StoreAll):
         return "store_all"
     if isinstance(policy, Uniform):
-        every = policy.every or max(1, math.isqrt(length - 1) + 1)
-        return f"sqrt (every {every})" if policy.every is None else f"uniform:{every}"
+        if policy.every is None:
+            return f"sqrt (every {max(1, math.isqrt(length - 1) + 1)})"
+        return f"uniform:{policy.every}"
     if isinstance(policy, Binomial):
-        return f"binomial:{policy.plan(length, carry).snapshots}"
+        return "binomial" if policy.snapshots is None else f"binomial:{policy.snapshots}"
     if policy.stores_all(length):
         return "auto (plain loop)"
-    return f"auto ({policy.snapshots(length, carry)} snapshots)"
+    return "auto" if policy.max_snapshots is None else f"auto:{policy.max_snapshots}"
 
 
 def plan_policies(length: int, snapshots: int | None) -> dict[str, Policy]:
-    """The four policies compared by ``fmaml plan``, with ``--snapshots`` applied."""
+    """The policies compared by ``fmaml plan`` (its rows), with ``--snapshots`` applied."""
     return {
         "store_all": StoreAll(),
         "sqrt": Uniform(),
         "binomial": Binomial(snapshots),
         "auto": Auto() if snapshots is None else Auto(max_snapshots=snapshots),
     }
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of ``fmaml plan``'s table: its header, width and value."""
+
+    header: str
+    width: int
+    value: Callable[[StepCost], str]
+
+
+#: The columns of ``fmaml plan``'s table, after the policy.
+COLUMNS = (
+    Column("snapshots", 10, lambda c: "-" if c.snapshots is None else str(c.snapshots)),
+    Column("forward", 10, lambda c: str(c.forward)),
+    Column("recomputed", 12, lambda c: str(c.recomputed)),
+    Column("with graph", 12, lambda c: str(c.graph)),
+    Column("evals/step", 12, lambda c: f"{c.per_step:.2f}"),
+    Column("  memory", 0, lambda c: f"  {c.memory()}"),
+)
+
+_LEGEND = """\
+Columns, for one gradient (forward and backward pass):
+  snapshots   carries held at most (the initial carry counts as one)
+  forward     steps run without a graph in the forward pass (the last step included)
+  recomputed  steps run again without a graph in the backward pass
+  with graph  steps run with a graph (store_all: in the forward pass, all kept)
+  evals/step  (forward + recomputed + with graph) / K: every evaluation of the step function
+              for one gradient, per inner step (1.00: store_all; 2.00: no recomputation)
+  memory      the snapshots (carries); store_all keeps every step's autograd graph instead,
+              each larger than a carry"""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,40 +251,29 @@ def run(args: argparse.Namespace) -> int:
         model_bytes, what = _model_bytes(args.model)
     carry = model_bytes * args.tasks
     tasks = f" x {args.tasks} tasks" if args.tasks > 1 else ""
-    print(f"Checkpoint plans for {length} inner steps; carry {_bytes(carry)} ({what}{tasks})")
     print(
-        "Step evaluations for one gradient (forward and backward pass): forward = run without a "
-        "graph\nin the forward pass, recomputed = run again without a graph in the backward "
-        "pass, with graph =\nrun with a graph (store_all: all in the forward pass), per step = "
-        "their sum / K. Memory: the\nsnapshots held at most (carries); store_all holds every "
-        "step's autograd graph instead, each\nlarger than a carry."
+        f"Checkpoint plans for {plural(length, 'inner step')}; carry {_bytes(carry)} "
+        f"({what}{tasks})"
     )
-    header = (
-        f"  {'policy':<24}{'snapshots':>10}{'forward':>10}{'recomputed':>12}{'with graph':>12}"
-        f"{'per step':>10}  memory"
-    )
+    print(_LEGEND)
     print()
-    print(header)
+    print(f"  {'policy':<24}" + "".join(f"{c.header:>{c.width}}" for c in COLUMNS))
     chosen = None
     for name, policy in plan_policies(length, args.snapshots).items():
-        cost = _cost(policy, length, carry)
-        snaps = "-" if cost["snapshots"] is None else str(cost["snapshots"])
+        cost = step_cost(policy, length, carry)
         marker = "*" if name == args.policy else " "
-        print(
-            f"{marker} {_label(policy, length, carry):<24}{snaps:>10}{cost['forward']:>10}"
-            f"{cost['recomputed']:>12}{cost['graph']:>12}{cost['evaluations'] / length:>10.2f}"
-            f"  {cost['memory']}"
-        )
+        cells = "".join(f"{c.value(cost):>{c.width}}" for c in COLUMNS)
+        print(f"{marker} {label(policy, length):<24}{cells}")
         if name == args.policy:
-            chosen = cost
+            chosen = policy, cost
     print()
     assert chosen is not None
-    if "plan" in chosen:
-        print(f"The plan of {args.policy} (*):")
-        print("  " + chosen["plan"].describe(head=6).replace("\n", "\n  "))
+    policy, cost = chosen
+    if cost.plan is not None:
+        print(f"The plan of {label(policy, length)} (*): {describe_plan(cost.plan)}")
     else:
         print(
-            f"{args.policy} (*) has no plan: every step runs once, with a graph that is kept for "
-            "the backward pass."
+            f"{label(policy, length)} (*) has no plan: every step runs once, with a graph that is "
+            "kept for the backward pass."
         )
     return 0

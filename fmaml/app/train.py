@@ -201,10 +201,26 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
     return config, state, run_dir
 
 
-def _check(config: dict[str, Any]) -> None:
+def _check(config: dict[str, Any], given: dict[str, Any]) -> None:
     _check_device(config["device"])
-    if config["task"] == "omniglot" and not config.get("data_dir"):
+    if config["task"] == "omniglot":
+        _check_data_dir(config, given)
+
+
+def _check_data_dir(config: dict[str, Any], given: dict[str, Any]) -> None:
+    """``--data-dir`` exists; it becomes absolute (relative paths are from the working dir)."""
+    text = config.get("data_dir")
+    if not text:
         raise CLIError("--data-dir is required: the folder with the Omniglot zips")
+    path = Path(text).expanduser().absolute()
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        source = f"--data-dir {text}" if "data_dir" in given else "the run's data directory"
+        raise CLIError(
+            f"{source}: {path} {what}; pass --data-dir with the folder that holds the Omniglot "
+            "zips (images_background*.zip and all_runs.zip)"
+        )
+    config["data_dir"] = str(path)
 
 
 def _check_device(device: str) -> None:
@@ -253,7 +269,7 @@ def _train(args: argparse.Namespace, ctx: distributed.Context) -> int:
 
     def prepare() -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
         config, state, run_dir = _resolve(args)
-        _check(config)
+        _check(config, vars(args))
         return config, state, run_dir
 
     # rank 0 picks the run directory (and reads a resumed state) for every rank
