@@ -332,6 +332,9 @@ def test_resume_of_something_else(tmp_path: Path, capsys):
     status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path / "none")], capsys)
     _assert_usage_error(status, err, "no such directory")
     status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path)], capsys)
+    _assert_usage_error(status, err, "holds no run yet", f"fmaml train sinusoid --out {tmp_path}")
+    (tmp_path / "notes.txt").write_text("mine")
+    status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path)], capsys)
     _assert_usage_error(status, err, "not a resumable run directory (no config.json)")
 
 

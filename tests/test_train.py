@@ -197,8 +197,9 @@ def test_a_crash_between_write_and_rename_keeps_the_last_state(tmp_path, capsys,
     monkeypatch.setattr(files.os, "replace", flaky_replace)
     status, _, err = _run([*common, "--out", str(crashed)], capsys)
     monkeypatch.setattr(files.os, "replace", replace)
-    assert status == 1
-    assert err.count("\n") == 1 and "No space left on device" in err
+    assert status == 2
+    assert err.count("\n") == 1 and f"cannot write {crashed}/state.pt: No space left" in err
+    assert f"--resume {crashed}" in err
     assert _load(crashed / "state.pt")["iteration"] == 10  # the previous state, intact
     assert not [p.name for p in crashed.iterdir() if p.name.endswith(".tmp")]
     assert main(["train", "sinusoid", "--quiet", "--resume", str(crashed)]) == 0

@@ -21,6 +21,7 @@ __all__ = [
     "TRAIN_OPTIONS",
     "Option",
     "add_train_options",
+    "check_config",
     "int_at_least",
     "parse_policy",
     "positive_float",
@@ -367,3 +368,68 @@ def _argparse_kwargs(option: Option, defaults: dict[str, Any]) -> dict[str, Any]
     elif option.metavar is not None:
         kw["metavar"] = option.metavar
     return kw
+
+
+# --------------------------------------------------------------------------------------------
+# a saved configuration, checked with the same types
+
+
+def check_config(config: Any, task: str) -> dict[str, Any]:
+    """The options of a saved ``config.json``, each checked as its command-line option is.
+
+    Returns the options of ``fmaml train TASK`` that ``config`` holds, with their checked values;
+    raises ``ValueError`` naming the first bad one (``config`` not an object, a value of the
+    wrong type or out of range, an option that shapes the trajectory missing).
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"it holds a JSON {_json_type(config)}, not an object of options")
+    defaults = jobs.defaults(task)
+    checked: dict[str, Any] = {}
+    for option in TRAIN_OPTIONS:
+        key = option.key
+        if task not in option.tasks or key not in defaults or key not in config:
+            continue
+        value = config[key]
+        if value is None and (defaults[key] is None or key == "iterations"):
+            checked[key] = None
+        else:
+            checked[key] = _check_value(option, value)
+    missing = [k for k in FIXED_ON_RESUME if k in defaults and k not in config]
+    if missing:
+        raise ValueError(f"`{missing[0]}` is missing (the run's trajectory depends on it)")
+    return checked
+
+
+def _check_value(option: Option, value: Any) -> Any:
+    key = option.key
+    if option.action in ("flag", "switch"):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{key}` is {value!r}; it must be true or false")
+        return value
+    if option.type is None or option.type in (device, policy_text) or option.choices:
+        if not isinstance(value, str):
+            raise ValueError(f"`{key}` is {value!r}; it must be a string")
+        if option.choices and value not in option.choices:
+            raise ValueError(f"`{key}` is {value!r}; it must be one of {', '.join(option.choices)}")
+        text = value
+    elif option.type is steps_list:
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise ValueError(f"`{key}` is {value!r}; it must be a list of step counts")
+        text = ",".join(map(str, value))
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"`{key}` is {value!r}; it must be a number")
+    else:
+        text = str(value)
+    try:
+        return option.type(text) if option.type is not None else text
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"`{key}` is {value!r}: {e}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
