@@ -15,10 +15,12 @@ Commands, one module each:
 What ``fmaml train`` is made of:
 
 - ``options.py``: its options and their types, shared by the parser and by the check of a
-  saved ``config.json``; ``errors.py``: one-line errors and exit statuses.
-- ``rundir.py``: run directories (new, resumed, checked); ``files.py``: atomic writes;
-  ``metrics.py``: the metrics log and the training curve.
+  saved ``config.json``; ``config.py``: a run's configuration resolved and checked before
+  anything is written; ``errors.py``: one-line errors and exit statuses.
+- ``rundir.py``: run directories (new, resumed, locked, checked); ``files.py``: atomic writes;
+  ``metrics.py``: the metrics log (recovered on resume) and the training curve.
 - ``loop.py``: the meta-training loop; ``evaluation.py``: evaluation on held-out tasks;
-  ``progress.py``: the progress line.
+  ``progress.py``: the progress line; ``signals.py``: SIGINT and SIGTERM; ``ranks.py``: steps
+  on every ``torchrun`` rank or on rank 0.
 - ``jobs/``: the training jobs, one per benchmark (``sinusoid.py``, ``omniglot.py``).
 """

@@ -19,14 +19,12 @@ The task-specific parts (model, task sampler, evaluation, figures) are a
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,11 +35,12 @@ from torch import nn
 import fmaml
 from fmaml import distributed
 from fmaml._typing import Params, Tasks
-from fmaml.app.errors import Interrupted, RunStopped
+from fmaml.app.errors import RunStopped
 from fmaml.app.files import WriteError, atomic_save, atomic_write
 from fmaml.app.jobs import Job
 from fmaml.app.metrics import csv_bytes, jsonl_bytes
 from fmaml.app.progress import Progress
+from fmaml.app.signals import stop_on_signals
 
 __all__ = ["Start", "StateError", "TrainResult", "check_state", "load_state", "start", "train"]
 
@@ -187,40 +186,6 @@ _STATE_KEYS = (
 
 
 # --------------------------------------------------------------------------------------------
-# signals
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM set a flag that the loop checks between iterations (main thread only).
-
-    A second signal stops at once with :class:`Interrupted` (the last save stays valid).
-    """
-    received: list[int] = []
-    if not _in_main_thread():
-        yield received
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if received:  # a second Ctrl-C: stop at once
-            raise Interrupted(signum)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# --------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -314,7 +279,7 @@ def train(
     it, last_loss, stopped_by = first, math.nan, "iterations"
     log = _open_log(metrics_path) if main else io.StringIO()
     try:
-        with _stop_on_signals() as received:
+        with stop_on_signals() as received:
             wall0, cpu0 = time.perf_counter(), time.process_time()
             base_elapsed, base_cpu = elapsed, cpu_time
             while total is None or it < total:

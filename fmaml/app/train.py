@@ -12,31 +12,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
-import os
 import platform
 import signal
 import sys
-import threading
 import time
-from argparse import ArgumentTypeError
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fmaml import __version__, distributed
-from fmaml.app import jobs, options
-from fmaml.app.errors import CLIError, Interrupted, RunStopped
+from fmaml.app.config import Prepared, check, requested_device, resolve
+from fmaml.app.errors import CLIError, RunStopped
 from fmaml.app.files import WriteError, atomic_write, write_json
 from fmaml.app.jobs import Job
 from fmaml.app.loop import Start, StateError, start, train
-from fmaml.app.metrics import DAMAGED, plot_training_curve, recover_metrics
-from fmaml.app.options import FIXED_ON_RESUME, add_train_options, parse_policy, show
-from fmaml.app.rundir import check_writable, damaged_state, locked, new_run_dir, read_run, tidy
+from fmaml.app.metrics import DAMAGED, plot_training_curve
+from fmaml.app.options import add_train_options, parse_policy
+from fmaml.app.ranks import every_rank, on_main
+from fmaml.app.rundir import damaged_state, locked, tidy
+from fmaml.app.signals import Session, terminate_interrupts
 
 __all__ = ["add_command", "run"]
 
@@ -80,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     Ctrl-C or SIGTERM outside the training loop (which saves first) stops with one line too.
     """
     prog = f"fmaml train {args.task}"
-    session = _Session(args.task, resuming=getattr(args, "resume", None) is not None)
+    session = Session(args.task, resuming=getattr(args, "resume", None) is not None)
     threads = torch.get_num_threads()
     main = True
-    with _terminate_interrupts():
+    with terminate_interrupts():
         try:
-            device = _requested_device(args)
+            device = requested_device(args)
             backend = None if device.startswith("cuda") else "gloo"
             with distributed.setup(backend=backend, device=device) as ctx:
                 main = ctx.is_main
@@ -115,219 +111,6 @@ def run(args: argparse.Namespace) -> int:
 def _print_error(prog: str, e: CLIError | RunStopped) -> None:
     label = "error: " if isinstance(e, CLIError) else ""
     print(f"{prog}: {label}{e}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class _Session:
-    """How far the command got: what an interruption leaves, in words."""
-
-    task: str
-    resuming: bool
-    phase: str = "start"  # "start", "training", "evaluation"
-    run_dir: Path | None = None
-    written: bool = False  # config.json of this session is written
-
-    def interrupted(self, signum: int) -> str:
-        name = signal.Signals(signum).name
-        resume = f"fmaml train {self.task} --resume {self.run_dir}"
-        if self.phase == "start" and not self.written:
-            where = "the run directory is unchanged" if self.resuming else "nothing was written"
-            return f"interrupted by {name} before the run started; {where}"
-        if self.phase == "start":
-            return f"interrupted by {name} while the run was starting; continue with: {resume}"
-        if self.phase == "training":
-            return (
-                f"stopped at once by a second {name}; the last save is intact. Continue with: "
-                f"{resume}"
-            )
-        return (
-            f"interrupted by {name} during the evaluation; the training is saved. Evaluate "
-            f"again with: {resume}"
-        )
-
-
-@contextlib.contextmanager
-def _terminate_interrupts() -> Iterator[None]:
-    """SIGTERM raises :class:`Interrupted` as Ctrl-C raises ``KeyboardInterrupt``."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _requested_device(args: argparse.Namespace) -> str:
-    """The device the run will use (given, or a resumed run's, or the default), checked."""
-    device = getattr(args, "device", None)
-    resume = getattr(args, "resume", None)
-    if device is None and resume is not None:
-        saved = Path(resume) / "config.json"
-        # a damaged config.json is reported later, with the rest of the run directory
-        with contextlib.suppress(OSError, ValueError, LookupError, TypeError, ArgumentTypeError):
-            device = options.device(json.loads(saved.read_bytes())["device"])
-    device = device if isinstance(device, str) else jobs.defaults(args.task)["device"]
-    _check_device(device)
-    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CLIError(
-            f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
-            "pass --device cuda"
-        )
-    return device
-
-
-def _together(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on every rank; if it raises :class:`CLIError` on any, the same error on all."""
-    try:
-        value, error = fn(), None
-    except CLIError as e:
-        value, error = None, e
-    if ctx.world_size == 1:
-        if error is not None:
-            raise error
-        return value
-    errors: list[Any] = [None] * ctx.world_size
-    mine = None if error is None else (str(error), error.status)
-    torch.distributed.all_gather_object(errors, mine)
-    bad = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if bad:
-        messages = {m for _, (m, _) in bad}
-        if len(messages) == 1 and len(bad) == ctx.world_size:
-            text = bad[0][1][0]
-        else:
-            text = "; ".join(f"rank {rank}: {m}" for rank, (m, _) in bad)
-        raise CLIError(text, bad[0][1][1])
-    return value
-
-
-def _on_main(ctx: distributed.Context, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 only; every rank gets its result, or raises its :class:`CLIError`."""
-    if ctx.world_size == 1:
-        return fn()
-    box: list[Any] = [None]
-    if ctx.is_main:
-        try:
-            box[0] = ("ok", fn())
-        except CLIError as e:
-            box[0] = ("error", str(e), e.status)
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        raise CLIError(box[0][1], box[0][2])
-    return box[0][1]
-
-
-@dataclass
-class _Prepared:
-    """What rank 0 resolves for every rank before anything is written."""
-
-    config: dict[str, Any]
-    state: dict[str, Any] | None
-    run_dir: Path
-    records: list[dict[str, float]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    warning: str | None = None
-    damaged: bytes = b""
-
-
-def _resolve(args: argparse.Namespace, hold: contextlib.ExitStack) -> _Prepared:
-    """The resolved configuration, the run directory, a resumed run's state and metrics.
-
-    A resumed run directory is locked (``hold`` keeps the lock), checked to be writable and
-    cleared of temporary files left by killed writers, then read and checked.
-    """
-    task = args.task
-    given = {k: v for k, v in vars(args).items() if k not in ("task", "command", "run")}
-    resume_dir = given.pop("resume", None)
-    out = given.pop("out", None)
-    quiet = given.pop("quiet", False)
-    config = dict(jobs.defaults(task))
-    if resume_dir is None:
-        prepared = _Prepared(config, None, new_run_dir(task, out))
-    else:
-        run_dir = Path(resume_dir)
-        if run_dir.is_dir():
-            hold.enter_context(locked(run_dir))
-            check_writable(run_dir, f"--resume {resume_dir}")
-            tidy(run_dir)
-        saved, checked, state = read_run(run_dir, task)
-        if out is not None and Path(out).resolve() != run_dir.resolve():
-            raise CLIError(
-                f"--out {out} and --resume {resume_dir} name different directories; a resumed "
-                "run continues in its own directory, so drop --out"
-            )
-        for key in FIXED_ON_RESUME:
-            if key in given and key in checked and given[key] != checked[key]:
-                flag = "--" + key.replace("_", "-")
-                raise CLIError(
-                    f"--resume {resume_dir}: that run was trained with {flag} "
-                    f"{show(checked[key])}, not {show(given[key])}; drop {flag} to continue it, "
-                    "or start a new run without --resume"
-                )
-        config.update(checked)
-        for key in ("data", "history"):
-            if key in saved:
-                config[key] = saved[key]
-        prepared = _Prepared(config, state, run_dir)
-        upto = 0 if state is None else state["iteration"]
-        if state is None:
-            prepared.notes.append(
-                f"{run_dir} has no state.pt (the run stopped before its first save): starting "
-                "it from iteration 0, the same run"
-            )
-        log_every = given.get("log_every", config["log_every"])
-        recovered = recover_metrics(run_dir, upto, log_every)
-        prepared.records, prepared.damaged = recovered.records, recovered.damaged
-        prepared.warning = recovered.warning
-    config.update(given)
-    if "time_budget" in given and "iterations" not in given:
-        config["iterations"] = None
-    if config["eval_inner_lr"] is None:
-        config["eval_inner_lr"] = config["inner_lr"]
-    config["task"] = task
-    config["quiet"] = quiet
-    return prepared
-
-
-def _check(config: dict[str, Any], given: dict[str, Any]) -> None:
-    _check_device(config["device"])
-    if config["task"] == "omniglot":
-        _check_data_dir(config, given)
-
-
-def _check_data_dir(config: dict[str, Any], given: dict[str, Any]) -> None:
-    """``--data-dir`` exists; it becomes absolute (relative paths are from the working dir)."""
-    text = config.get("data_dir")
-    if not text:
-        raise CLIError("--data-dir is required: the folder with the Omniglot zips")
-    path = Path(text).expanduser().absolute()
-    if not path.is_dir():
-        what = "is not a directory" if path.exists() else "does not exist"
-        source = f"--data-dir {text}" if "data_dir" in given else "the run's data directory"
-        raise CLIError(
-            f"{source}: {path} {what}; pass --data-dir with the folder that holds the Omniglot "
-            "zips (images_background*.zip and all_runs.zip)"
-        )
-    config["data_dir"] = str(path)
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(
-                f"--device {device}: CUDA is not available (torch {torch.__version__}); use "
-                "--device cpu"
-            )
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise CLIError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0"
-            )
 
 
 def _make_job(
@@ -367,7 +150,7 @@ def _job(config: dict[str, Any], state: dict[str, Any] | None) -> Job:
     return OmniglotJob(config, data)
 
 
-def _train(args: argparse.Namespace, ctx: distributed.Context, session: _Session) -> int:
+def _train(args: argparse.Namespace, ctx: distributed.Context, session: Session) -> int:
     try:
         distributed.check_same_config({k: v for k, v in vars(args).items() if k != "run"})
     except ValueError as e:
@@ -379,22 +162,22 @@ def _train(args: argparse.Namespace, ctx: distributed.Context, session: _Session
 def _train_holding(
     args: argparse.Namespace,
     ctx: distributed.Context,
-    session: _Session,
+    session: Session,
     hold: contextlib.ExitStack,
 ) -> int:
-    def prepare() -> _Prepared:
-        prepared = _resolve(args, hold)
-        _check(prepared.config, vars(args))
+    def prepare() -> Prepared:
+        prepared = resolve(args, hold)
+        check(prepared.config, vars(args))
         return prepared
 
     # rank 0 picks the run directory (and reads a resumed state and log) for every rank
-    prepared = _on_main(ctx, prepare)
+    prepared = on_main(ctx, prepare)
     config, state, run_dir = prepared.config, prepared.state, prepared.run_dir
     session.run_dir = run_dir
     task = config["task"]
     policy = parse_policy(config["checkpoint"])
     torch.set_num_threads(config["threads"])
-    job, begin = _together(ctx, lambda: _make_job(config, state, run_dir, ctx.device))
+    job, begin = every_rank(ctx, lambda: _make_job(config, state, run_dir, ctx.device))
     quiet = config.pop("quiet") or not ctx.is_main
 
     # all checks passed: only now is anything written
@@ -420,7 +203,7 @@ def _train_holding(
             ) from e
         return config
 
-    config = _on_main(ctx, create)
+    config = on_main(ctx, create)
     session.written = True
     if ctx.is_main:
         if prepared.warning:
