@@ -146,8 +146,8 @@ def test_leaf_leading_sizes_disagree_names_the_path(setup):
 def test_support_and_query_task_counts_differ(setup):
     maml, loss, params, tasks = setup
     xq, yq = tasks.query
-    bad = fmaml.Tasks(tasks.support, {"x": xq[:1], "y": yq[:1]})
-    match = r"tasks\.support\[0\] has 3 tasks and tasks\.query\['x'\] has 1"
+    bad = fmaml.Tasks(tasks.support, (xq[:1], yq[:1]))
+    match = r"tasks\.support\[0\] has 3 tasks and tasks\.query\[0\] has 1"
     for route in ("unrolled_loss", "meta_grad"):
         with pytest.raises(ValueError, match=match):
             getattr(maml, route)(params, bad, 2)
