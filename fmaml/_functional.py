@@ -28,6 +28,7 @@ from fmaml._typing import Params
 
 __all__ = [
     "batch_norm_in_plain_ops",
+    "check_trackable",
     "check_tracked",
     "collect_running_stats",
     "inner_buffers",
@@ -310,16 +311,23 @@ def check_tracked(model: nn.Module, where: str) -> None:
             )
 
 
+def check_trackable(where: str) -> None:
+    """``bn_stats="track"`` in train mode: refuse to start a meta-step under ``vmap``."""
+    if _under_vmap():
+        raise ValueError(
+            f"{where}: bn_stats='track' updates the module's BatchNorm running statistics "
+            "once per meta-step, which cannot be done inside torch.func.vmap (each vmapped "
+            "call would be a meta-step of its own). Call it outside vmap, put the module in "
+            "eval mode, or use a MAML with bn_stats='batch' there (the same loss and gradients "
+            "in train mode)."
+        )
+
+
 def _plain(t: torch.Tensor, where: str) -> torch.Tensor:
     """``t`` without the ``torch.func`` grad wrappers around it (its value, detached)."""
     while _functorch.is_functorch_wrapped_tensor(t):
         if _functorch.is_batchedtensor(t):
-            raise ValueError(
-                f"{where}: bn_stats='track' updates the module's BatchNorm running statistics "
-                "once per meta-step, which cannot be done inside torch.func.vmap (each vmapped "
-                "call would be a meta-step of its own). Call it outside vmap, or use a MAML "
-                "with bn_stats='batch' there (the same loss and gradients in train mode)."
-            )
+            check_trackable(where)  # raises (under vmap)
         t = _functorch.get_unwrapped(t)
     return t.detach()
 

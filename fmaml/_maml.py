@@ -25,6 +25,7 @@ from fmaml import optim
 from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._functional import (
     batch_norm_in_plain_ops,
+    check_trackable,
     check_tracked,
     collect_running_stats,
     inner_buffers,
@@ -621,7 +622,7 @@ class MAML:
         if return_history:
             return loss, history_t
         if has_aux:
-            return loss, MetaAux(query_losses, history_t, extras.get("metrics", {}))
+            return loss, _meta_aux(query_losses, history_t, extras)
         return loss
 
     def meta_grad(
@@ -672,8 +673,7 @@ class MAML:
         query_losses, history, extras = _concat_parts(parts)
         self._track(extras, where)
         if has_aux:
-            aux = MetaAux(query_losses, history, extras.get("metrics", {}))
-            return (total_loss, aux), total_grad
+            return (total_loss, _meta_aux(query_losses, history, extras)), total_grad
         return total_loss, total_grad
 
     def _track(self, extras: dict[str, Any], where: str) -> None:
@@ -901,6 +901,11 @@ class MAML:
         self._check_pair(tasks.support, "tasks.support", where)
         self._check_pair(tasks.query, "tasks.query", where)
         n_tasks = _check_leading(tasks.support, tasks.query, where)
+        if self.bn_stats == "track":
+            if self.model.training:
+                check_trackable(f"MAML.{where}")
+            else:
+                check_tracked(self.model, f"MAML.{where}")
         if n_tasks == 0:
             raise ValueError(
                 f"MAML.{where}: `tasks` holds no tasks (its leaves have a leading size 0); "
@@ -982,6 +987,16 @@ def _concat_parts(
     if len(parts) == 1:
         return parts[0]
     return optree.tree_map(lambda *ts: torch.cat(ts), *parts)
+
+
+def _meta_aux(query_losses: torch.Tensor, history: torch.Tensor, extras: dict) -> MetaAux:
+    """The :class:`MetaAux` of a meta-step, detached (the scan's per-step outputs are outputs of
+    a differentiable Function, so its history has a ``grad_fn`` under plain autograd)."""
+    return MetaAux(
+        query_losses.detach(),
+        history.detach(),
+        {name: value.detach() for name, value in extras.get("metrics", {}).items()},
+    )
 
 
 class _ParamsDoNotRequireGrad(torch.autograd.Function):
