@@ -3,7 +3,10 @@
 The blocks of one page run in page order in one namespace, as a reader would paste them into a
 notebook, from the repository root (so ``../shared`` is the shared data). Signatures, shell
 lines, doctest sessions and long jobs belong in other fences (```text, ```bash, ```pycon).
-A page that reads the shared Omniglot data is skipped when the data is missing.
+A script meant to be saved and launched from a command line (``torchrun script.py``), or code
+that needs what only a long job leaves behind (a finished training run), goes in a ```py fence:
+it is compiled (a syntax check), not run. A page that reads the shared Omniglot data is skipped
+when the data is missing.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ OMNIGLOT = "../shared/data/omniglot"
 _FENCE = re.compile(r"^```(\S*)[ \t]*$")
 
 
-def python_blocks(text: str) -> list[tuple[int, str]]:
-    """``(first line number, source)`` of every ```python block of a Markdown page."""
+def python_blocks(text: str, language: str = "python") -> list[tuple[int, str]]:
+    """``(first line number, source)`` of every ```python (``language``) block of a page."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         match = _FENCE.match(lines[i])
@@ -36,7 +39,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
         )
         if end is None:
             raise AssertionError(f"line {i + 1}: a ``` fence that is never closed")
-        if match.group(1) == "python":
+        if match.group(1) == language:
             blocks.append((i + 2, "\n".join(lines[i + 1 : end]) + "\n"))
         i = end + 1
     return blocks
@@ -45,6 +48,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 def test_the_block_parser():
     page = "text\n```python\na = 1\n```\n```bash\nls\n```\n```\nplain\n```\n```python\nb = a\n```\n"
     assert python_blocks(page) == [(3, "a = 1\n"), (12, "b = a\n")]
+    assert python_blocks(page, "bash") == [(6, "ls\n")]
     with pytest.raises(AssertionError, match="never closed"):
         python_blocks("```python\nx = 1\n")
 
@@ -53,6 +57,13 @@ def test_every_page_is_collected():
     names = {p.relative_to(ROOT).as_posix() for p in PAGES}
     assert {"README.md", "docs/maml.md", "docs/scan.md", "docs/data.md"} <= names
     assert sum(len(python_blocks(p.read_text())) for p in PAGES) >= 30
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_py_blocks_compile(page):
+    """```py blocks (scripts for a command line) are not run, but must be valid Python."""
+    for line, source in python_blocks(page.read_text(), "py"):
+        compile("\n" * (line - 1) + source, str(page), "exec")
 
 
 @pytest.fixture
