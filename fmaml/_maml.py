@@ -261,22 +261,14 @@ class MAML:
         where = "predict"
         stats = set(inner_buffers(self.model)) if self.bn_stats == "carry" else set()
         self._check_params(params, where, batched=batched, allow=stats)
-        x_leaves = _check_batch(x, "x", where, min_dim=2 if batched else 1)
+        _check_batch(x, "x", where, min_dim=2 if batched else 1)
         if self.bn_stats == "track" and not self.model.training:
             check_tracked(self.model, f"MAML.{where}")
         if not batched:
             return self._run(params, x, query=True)[0]
-        n_tasks = x_leaves[0].shape[0]
-        shapes = self._shapes()
-        dims = {
-            n: 0 if p.dim() > len(shapes.get(n, p.shape[1:])) else None for n, p in params.items()
-        }
-        for path, leaf in zip(leaf_paths(x, "x"), x_leaves, strict=True):
-            if leaf.shape[0] != n_tasks:
-                raise ValueError(
-                    f"MAML.predict: every leaf of `x` needs the same leading task dimension, but "
-                    f"x's first leaf has {n_tasks} tasks and {path} has {leaf.shape[0]}."
-                )
+        n_tasks = _check_leading(x, None, where, "x")
+        shapes = self._shapes()  # (checked above: each leaf has the model's shape, or a (T, ...))
+        dims = {n: None if p.shape == shapes[n] else 0 for n, p in params.items()}
         for name, dim in dims.items():
             if dim == 0 and params[name].shape[0] != n_tasks:
                 raise ValueError(
