@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fmaml import optim
+from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
 from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._functional import (
     batch_norm_in_plain_ops,
@@ -34,7 +35,8 @@ from fmaml._functional import (
     update_running_stats,
 )
 from fmaml._policy import Policy, resolve_policy
-from fmaml._scan import scan
+from fmaml._rng import cuda_devices, preserve_rng
+from fmaml._scan import _tracked, scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, MetaAux, MetricsFn, Params, Tasks
 from fmaml.optim import GradientTransformation
@@ -596,26 +598,11 @@ class MAML:
             )
         n_tasks = self._check_tasks(params, tasks, k, per_step, where)
         self._check_hyper(params, hyper, where)
-        total, parts = None, []
-        for start, stop in self._chunks(n_tasks):
-            chunk = _slice_tasks(tasks, start, stop)
-            losses, hist, extras = self._task_losses(params, chunk, k, per_step, hyper)
-            part = losses.sum()
-            total = part if total is None else total + part
-            parts.append((losses.detach(), hist, extras))
-        query_losses, history_t, extras = _concat_parts(parts)
-        if self.check_finite:
-            _raise_if_not_finite(history_t, None)
-        loss = total / n_tasks
-        if self.check_finite:
-            _raise_if_query_not_finite(loss)
-        self._track(extras, where)
+        loss, aux = self._accumulated(params, tasks, k, hyper, per_step, n_tasks, where)
         loss = _explain_backward(loss, where)
         if return_history:
-            return loss, history_t
-        if has_aux:
-            return loss, _meta_aux(query_losses, history_t, extras)
-        return loss
+            return loss, aux.inner_losses
+        return (loss, aux) if has_aux else loss
 
     def meta_grad(
         self,
@@ -627,13 +614,13 @@ class MAML:
         per_step: bool = False,
         has_aux: bool = False,
     ) -> tuple[Any, Any]:
-        """``(meta-loss, meta-gradient)``, accumulated chunk by chunk (task by task with "loop").
+        """``(meta-loss, meta-gradient)``: ``torch.func.grad_and_value(self.unrolled_loss)``.
 
-        Equal to ``torch.func.grad_and_value(self.unrolled_loss)`` but with the memory of one
-        chunk of tasks: each chunk's gradient is computed and added before the next one starts.
-        With ``hyper`` (learned rates) the gradient is the pair ``(params_grad, hyper_grad)``.
-        With ``has_aux=True``, ``((meta-loss, aux), meta-gradient)`` (``jax.value_and_grad``'s
-        layout), ``aux`` the :class:`fmaml.MetaAux` of :meth:`unrolled_loss`.
+        Like :meth:`unrolled_loss`, it holds one chunk of tasks' graphs at a time (one task with
+        ``batching="loop"``). With ``hyper`` (learned rates) the gradient is the pair
+        ``(params_grad, hyper_grad)``. With ``has_aux=True``, ``((meta-loss, aux),
+        meta-gradient)`` (``jax.value_and_grad``'s layout), ``aux`` the :class:`fmaml.MetaAux`
+        of :meth:`unrolled_loss`.
 
         Example:
             >>> (loss, aux), g = maml.meta_grad(params, tasks, 5, has_aux=True)  # doctest: +SKIP
@@ -641,32 +628,75 @@ class MAML:
         where = "meta_grad"
         n_tasks = self._check_tasks(params, tasks, k, per_step, where)
         self._check_hyper(params, hyper, where)
-        total_loss, total_grad, parts = None, None, []
-        for start, stop in self._chunks(n_tasks):
-            chunk = _slice_tasks(tasks, start, stop)
+        argnums = 0 if hyper is None else (0, 1)
+        grads, (loss, aux) = grad_and_value_any(
+            lambda p, h: self._accumulated(p, tasks, k, h, per_step, n_tasks, where),
+            (params, hyper),
+            argnums,
+            context=tasks,
+        )
+        return ((loss, aux), grads) if has_aux else (loss, grads)
 
-            def chunk_loss(
-                p: Params, h: Any, chunk: Tasks = chunk, start: int = start
-            ) -> tuple[torch.Tensor, Any]:
-                losses, hist, extras = self._task_losses(p, chunk, k, per_step, h)
+    def _accumulated(
+        self,
+        params: Params,
+        tasks: Tasks,
+        k: int,
+        hyper: Any,
+        per_step: bool,
+        n_tasks: int,
+        where: str,
+    ) -> tuple[torch.Tensor, MetaAux]:
+        """The meta-loss and its :class:`MetaAux`, one chunk of tasks at a time: each chunk's
+        gradient is taken and its graph freed before the next chunk starts
+        (:func:`fmaml._accumulate.accumulate`). With ``bn_stats="track"`` in train mode, the
+        module's running statistics take this meta-step's one update here, from the query
+        passes of the forward pass (a recomputation in a backward pass returns no aux)."""
+        if transforms_active() and eager_gradient_applies():
+            self._check_no_closure(params, tasks, hyper)
+
+        def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, Any]]:
+            def run(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, Any]:
+                losses, history, extras = self._task_losses(
+                    p, _slice_tasks(t, start, stop), k, per_step, h
+                )
                 if self.check_finite:
-                    _raise_if_not_finite(hist, start)
-                return losses.sum() / n_tasks, (losses.detach(), hist, extras)
+                    _raise_if_not_finite(history, start)
+                return losses.sum() / n_tasks, (losses.detach(), history, extras)
 
-            argnums = 0 if hyper is None else (0, 1)
-            g, (value, part) = grad_and_value_any(
-                chunk_loss, (params, hyper), argnums, context=chunk
+            return run
+
+        pieces = [piece(start, stop) for start, stop in self._chunks(n_tasks)]
+        try:
+            loss, (query_losses, history, extras) = accumulate(
+                pieces, (params, hyper, tasks), name="MAML"
             )
-            total_loss = value if total_loss is None else total_loss + value
-            total_grad = g if total_grad is None else optree.tree_map(torch.add, total_grad, g)
-            parts.append(part)
+        except ClosureError as error:
+            raise ValueError(
+                f"{error} (With `forward=`, read every learned tensor from its `params`.)"
+            ) from None
         if self.check_finite:
-            _raise_if_query_not_finite(total_loss)
-        query_losses, history, extras = _concat_parts(parts)
+            _raise_if_query_not_finite(loss)
         self._track(extras, where)
-        if has_aux:
-            return (total_loss, _meta_aux(query_losses, history, extras)), total_grad
-        return total_loss, total_grad
+        return loss, _meta_aux(query_losses, history, extras)
+
+    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any) -> None:
+        """Under ``torch.func`` transforms: raise if the loss reads a tensor that a transform
+        tracks but that is not an argument (its gradient would be lost below the transform's
+        level, where :func:`accumulate` computes). One query forward of the first task, at the
+        caller's level on untracked copies of the arguments."""
+        with torch.no_grad():
+            plain = {name: p.detach() for name, p in params.items()}
+            query = optree.tree_map(lambda t: t.detach(), _slice_tree(tasks.query, 0, None, True))
+        with preserve_rng(cuda_devices(plain.values())):  # the check draws no random numbers
+            value = self.loss({**plain, **self._initial_stats()}, query)
+        if _tracked(value):
+            raise ValueError(
+                "MAML: the loss reads a tensor that an enclosing torch.func transform "
+                "differentiates but that is not an argument of unrolled_loss (a closure in "
+                "`loss_fn` or `forward`?): its gradient would be lost. Pass it in `params` (or "
+                "`hyper`) instead."
+            )
 
     def _track(self, extras: dict[str, Any], where: str) -> None:
         """``bn_stats="track"``: this meta-step's one update of the module's running statistics."""
@@ -970,15 +1000,6 @@ def _slice_tasks(tasks: Tasks, start: int, stop: int | None, index: bool = False
     return Tasks(
         _slice_tree(tasks.support, start, stop, index), _slice_tree(tasks.query, start, stop, index)
     )
-
-
-def _concat_parts(
-    parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Each chunk's ``(query losses, inner losses, extras)``, joined along the task dimension."""
-    if len(parts) == 1:
-        return parts[0]
-    return optree.tree_map(lambda *ts: torch.cat(ts), *parts)
 
 
 def _meta_aux(query_losses: torch.Tensor, history: torch.Tensor, extras: dict) -> MetaAux:
