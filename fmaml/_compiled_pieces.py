@@ -26,6 +26,7 @@ of the scan is the fallback, and its first call for each structure validates it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -51,8 +52,9 @@ def _code(f: Any, depth: int = 0) -> tuple[Hashable, tuple]:
     """What identifies a function across calls: ``(its code, what it closes over)``.
 
     A fresh closure has the same code. Of what it closes over (or a ``functools.partial``
-    binds), numbers, strings, flags and pytree structures count by value, functions by their
-    own identity (recursively), objects with a ``_compile_key()`` by that key, other objects
+    binds), numbers, strings, flags, pytree structures and frozen dataclasses count by value,
+    functions by their own identity (recursively), objects with a ``_compile_key()`` by that
+    key, other objects
     (a model, a ``MAML``) by identity; tensors and containers do not count (dynamo guards on
     them: tensors are inputs of the graph).
     """
@@ -81,6 +83,11 @@ def _closed(value: Any, depth: int) -> Hashable:
         return "-"
     if hasattr(value, "_compile_key"):
         return value._compile_key()
+    if dataclasses.is_dataclass(value) and type(value).__dataclass_params__.frozen:
+        try:  # a frozen dataclass (a policy, a batching choice) counts by value
+            return type(value), hash(value), value
+        except TypeError:
+            pass
     if callable(value) and (hasattr(value, "__code__") or isinstance(value, functools.partial)):
         return _code(value, depth + 1) if depth < 3 else ("id", id(value))
     return ("id", id(value))
