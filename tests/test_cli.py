@@ -6,6 +6,7 @@ and nothing is written: the run directory is not created.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -368,3 +369,33 @@ def test_help_lists_every_option(capsys):
         "--width",
     ):
         assert option in out
+
+
+@pytest.mark.parametrize(
+    ("given", "saved"), [([], "off"), (["--compile"], "on"), (["--compile", "auto"], "auto")]
+)
+def test_compile_option_reaches_the_run(given, saved, tmp_path, capsys, monkeypatch):
+    """``--compile [WHEN]``: saved in config.json and handed to fmaml.MAML (one meta-step runs
+    eagerly, as a compiled structure's first call does, so nothing is compiled here)."""
+    import fmaml
+
+    seen = []
+    init = fmaml.MAML.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("compile", False))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(fmaml.MAML, "__init__", spy)
+    run = tmp_path / "run"
+    argv = ["train", "sinusoid", "--iterations", "1", "--eval-tasks", "2", "--out", str(run)]
+    status, out, _ = _run([*argv, *given], capsys)
+    assert status == 0
+    assert json.loads((run / "config.json").read_text())["compile"] == saved
+    assert seen[0] == {"off": False, "on": True, "auto": "auto"}[saved]
+    assert (f"compile {saved}, " in out) == (saved != "off")
+
+
+def test_compile_option_rejects_other_values(capsys):
+    status, _, err = _run(["train", "sinusoid", "--compile", "always"], capsys)
+    _assert_usage_error(status, err, "--compile", "invalid choice: 'always'")
