@@ -1,35 +1,33 @@
-"""Compiled scan steps: ``torch.compile`` of the pieces a scan runs many times with fixed shapes.
+"""How ``compile=`` compiles a piece: ``torch.compile`` from below the ``torch.func`` transforms.
 
-A meta-learning inner loop is a small function stepped many times, so eager PyTorch spends most
-of its time in per-operator overhead. :func:`fmaml.scan` (and :class:`fmaml.MAML`) can compile
-three pieces, each a pure function of flat tensors:
+A meta-learning inner loop is a small function stepped many times, so eager PyTorch spends much
+of its time in per-operator overhead. :func:`run` compiles one *piece* (a pure function of flat
+tensors that ``fmaml._compiled_pieces`` builds: a MAML chunk, a scan's step, a step with its
+pull-back) and runs it; this module holds the how, that one the what.
 
-- the step without a graph (the forward sweep and the backward pass's recomputation);
-- the step with its pull-back (``torch.func.vjp`` of one step, in the backward pass);
-- the whole unroll, where the policy keeps every graph (``store_all``): then the compiled
-  function's own backward (AOTAutograd) is the scan's backward.
-
-Two facts of ``torch.compile`` (torch 2.13) shape this module:
+Two facts of ``torch.compile`` (torch 2.13) shape it:
 
 1. A compiled function called *inside* an active ``torch.func`` transform (``vmap``, ``grad``) is
-   not compiled: dynamo falls back to eager for the whole frame (PyTorch issue 128711), slower than
-   plain eager. So :func:`run` *peels* the transforms off first: it unwraps the batched tensors
-   of every active ``vmap`` level, temporarily leaves the level, and calls a compiled
-   ``vmap(fn, in_dims)`` from below (the batch dimensions become the leading dimension of the
+   not compiled: dynamo falls back to eager for the whole frame (PyTorch issue 128711), slower
+   than plain eager. So :func:`run` *peels* the transforms off first: it unwraps the batched
+   tensors of every active ``vmap`` level, leaves the levels, and calls a compiled
+   ``vmap(fn, in_dims)`` from below (each batch dimension becomes a leading dimension of the
    outputs, which are wrapped back). A ``grad`` level is left only where it records nothing
-   (grad mode off: the scan's first-order backward pass); under a recording ``grad`` level the
-   piece runs eagerly.
+   (grad mode off: a first-order backward pass); under a recording one the piece runs eagerly.
 2. ``torch.autograd.grad`` breaks dynamo's graph while ``torch.func.grad`` traces, so the steps
    of a compiled piece differentiate with ``torch.func`` (``fmaml._autodiff`` checks
-   :func:`torch.compiler.is_compiling`).
+   :func:`torch.compiler.is_compiling`). Every compiled graph is a forward graph: gradients are
+   traced ``vjp``/``grad`` inside it, never AOTAutograd's lazily compiled backward, so a
+   compilation fails, if it does, where :func:`run` can fall back.
 
-Every compiled function is cached by the *structure* of its call: the piece, the step's code, the
-shapes, dtypes and devices of its tensors, their batch dimensions, the transform levels peeled,
-grad mode and the compile options. Each cache entry gets its own code object, so dynamo's
-recompile limit (per code object) counts one structure, and a program with many structures never
-exhausts it. If compiling fails, the piece runs eagerly from then on, with one warning that says
-why. Random operators (dropout) are compiled with inductor's ``fallback_random``, so they draw
-from PyTorch's generator exactly as eager code does and the scan's RNG replay stays exact.
+Every piece is cached by the *structure* of its call (what the caller's key says, plus the shapes,
+dtypes and devices of its tensors, their batch dimensions, the transform levels peeled, grad mode
+and the options) and each cache entry gets its own code object, so that dynamo's recompile limit
+(per code object) counts one structure. The first call of a structure runs eagerly (validation,
+the output structure, and the decisions of ``gate`` and ``when="auto"``); if compiling fails, the
+structure runs eagerly from then on, after one warning that says why. Random operators are
+compiled with inductor's ``fallback_random``: they draw from PyTorch's generators exactly as eager
+code does, so a scan's replay of dropout stays exact.
 """
 
 from __future__ import annotations

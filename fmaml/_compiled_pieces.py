@@ -164,7 +164,7 @@ def _guarded(
 
 
 # --------------------------------------------------------------------------------------------
-# the three pieces
+# the pieces of a scan
 
 
 def _flat_step(call: Any, templates: tuple, *flat: torch.Tensor) -> tuple[list, Any]:
