@@ -51,7 +51,14 @@ from torch.utils.flop_counter import flop_registry
 
 from fmaml._tree import traced_leaves
 
-__all__ = ["Compile", "compile_stats", "keeps_graphs", "resolve_compile", "run"]
+__all__ = [
+    "Compile",
+    "ReadsDifferentiated",
+    "compile_stats",
+    "keeps_graphs",
+    "resolve_compile",
+    "run",
+]
 
 _WHEN = ("always", "auto")
 
@@ -144,23 +151,20 @@ class Compile:
             )
 
     def torch_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``torch.compile``."""
-        kwargs: dict[str, Any] = {
-            "backend": self.backend,
+        """The keyword arguments of ``torch.compile``: the backend behind fmaml's check that a
+        piece reads no differentiated tensor it was not given (:class:`_OnlyItsInputs`)."""
+        if self.backend == "inductor":
+            options = {"fallback_random": True, **dict(self.options or {})}
+            inner = torch._TorchCompileInductorWrapper(self.mode, options, self.dynamic)
+        elif isinstance(self.backend, str):
+            inner = torch._dynamo.lookup_backend(self.backend)
+        else:
+            inner = self.backend
+        return {
+            "backend": _OnlyItsInputs(inner),
             "dynamic": self.dynamic,
             "fullgraph": self.fullgraph,
         }
-        if self.backend == "inductor":
-            kwargs["options"] = {"fallback_random": True, **dict(self.options or {})}
-            if self.mode is not None:
-                # torch.compile takes `mode` or `options`, not both: the mode's options first
-                from torch._inductor import list_mode_options
-
-                kwargs["options"] = {
-                    **list_mode_options(self.mode, self.dynamic),
-                    **kwargs["options"],
-                }
-        return kwargs
 
     def key(self) -> Hashable:
         options = tuple(sorted((k, repr(v)) for k, v in (self.options or {}).items()))
@@ -173,6 +177,41 @@ class Compile:
             options,
             self.auto_flops_per_op,
         )
+
+
+class ReadsDifferentiated(RuntimeError):
+    """A piece reads a tensor that requires grad but is not one of its inputs."""
+
+
+class _OnlyItsInputs:
+    """A ``torch.compile`` backend that refuses a graph reading a tensor that requires grad
+    from anywhere but the piece's own arguments (a closure over a parameter, a global).
+
+    The pieces run without recording (or take their gradients inside): such a tensor's gradient
+    would be lost, silently. dynamo guards on ``requires_grad``, so a tensor that starts
+    requiring grad later recompiles, and is refused then. The piece then runs eagerly, where the
+    scan's own checks raise or record it properly.
+    """
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        name = getattr(self.inner, "compiler_name", None) or getattr(self.inner, "__name__", "")
+        return str(name or type(self.inner).__name__)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, example in zip(placeholders, example_inputs, strict=False):
+            grapharg = node.meta.get("grapharg")
+            source = grapharg.source.name if grapharg is not None else node.name
+            given = source.startswith("L['args']")
+            if isinstance(example, torch.Tensor) and example.requires_grad and not given:
+                raise ReadsDifferentiated(
+                    "it reads a tensor that requires grad but is not one of its inputs (a "
+                    f"closure? {source}), so that tensor's gradient would be lost"
+                )
+        return self.inner(gm, example_inputs)
 
 
 def resolve_compile(value: object, owner: str) -> Compile | None:

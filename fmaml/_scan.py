@@ -543,7 +543,8 @@ def _whole(
     its vjp (the backward pass), one graph each, under every transform a checkpointed scan
     supports; the loop runs once more, inside the vjp, where its graph lives as ``store_all``'s
     would. (AOTAutograd's own backward of the loop measured slower than its vjp compiled whole.)
-    ``record_scan`` sees a scan of length 1.
+    ``record_scan`` sees a scan of length 1. A step that closes over a differentiated tensor
+    (which ``store_all`` allows) runs as the plain loop, eagerly.
     """
 
     def loop(c: Any, x: Any, k: tuple[Leaves, Leaves]) -> tuple[Any, Any]:
@@ -554,9 +555,17 @@ def _whole(
         return unflatten(call.init_spec, final), ys
 
     init = unflatten(call.init_spec, carry)
-    final, ys = scan(
-        loop, init, length=1, checkpoint=_WHOLE, consts=(xs, consts), compile=call.compiled
-    )
+    rng = RngState.capture(cuda_devices([*carry, *xs, *consts]))
+    try:
+        final, ys = scan(
+            loop, init, length=1, checkpoint=_WHOLE, consts=(xs, consts), compile=call.compiled
+        )
+    except _ClosureError:  # store_all differentiates closures: the plain loop, eagerly
+        rng.restore()
+        final_leaves, ys = _unroll(call, carry, xs, consts)
+        _count("forward_evaluations", call.length)
+        _count("graph_evaluations", call.length)
+        return unflatten(call.init_spec, final_leaves), ys
     return final, tree_map(lambda leaf: leaf[0], ys)
 
 
@@ -588,6 +597,10 @@ _NO_FORWARD_MODE = (
 )
 
 
+class _ClosureError(ValueError):
+    """``f`` closes over a tensor that is being differentiated (a checkpointed scan refuses)."""
+
+
 _CLOSURE = (
     "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
     "or an enclosing torch.func transform tracks it): its gradient through a checkpointed "
@@ -598,7 +611,7 @@ _CLOSURE = (
 
 def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
     if any(_tracked(t) for t in (*c1, *y0)):
-        raise ValueError(_CLOSURE)
+        raise _ClosureError(_CLOSURE)
 
 
 def _auto(call: _Call, policy: Auto, init: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
@@ -650,7 +663,7 @@ def _detached_unless_closure(inputs: Leaves, first: tuple[Leaves, Any]) -> tuple
     c1, y0 = first
     y_leaves, y_spec = _y_spec(y0, 0, None)
     if _reads_foreign(inputs, [*c1, *y_leaves]):
-        raise ValueError(_CLOSURE)
+        raise _ClosureError(_CLOSURE)
     return [t.detach() for t in c1], unflatten(y_spec, [t.detach() for t in y_leaves])
 
 

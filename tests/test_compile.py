@@ -282,6 +282,32 @@ def test_a_piece_that_fails_to_compile_runs_eagerly_after_one_warning(gen):
     assert stats.calls == 0 and stats.eager > 0
 
 
+def test_a_closure_over_a_differentiated_tensor_is_never_lost(gen):
+    """A step that reads a tensor that requires grad without being given it: the compiled
+    pieces refuse it (dynamo guards on requires_grad, so a change recompiles and is refused);
+    a checkpointed scan then raises as it does eagerly, and store_all differentiates it."""
+    h0, xs = rand(gen, 3), rand(gen, 4, 3)
+    w = rand(gen, 3)
+
+    def closing(carry, x):
+        return torch.tanh(carry * w + x), carry.sum()
+
+    for _ in range(2):  # compiled while w does not require grad
+        fmaml.scan(closing, h0, xs, checkpoint="binomial", compile=EAGER)
+    w.requires_grad_()
+    with (
+        pytest.warns(RuntimeWarning, match=r"reads a tensor that requires grad but is not one"),
+        pytest.raises(ValueError, match=r"`f` closes over a tensor that is being differentiated"),
+    ):
+        fmaml.scan(closing, h0, xs, checkpoint="binomial", compile=EAGER)
+    for _ in range(2):
+        carry, ys = fmaml.scan(closing, h0, xs, checkpoint="store_all", compile=EAGER)
+    (got,) = torch.autograd.grad((carry**2).sum() + ys.sum(), w)
+    want_carry, want_ys = reference_scan(closing, h0, xs)
+    (want,) = torch.autograd.grad((want_carry**2).sum() + want_ys.sum(), w)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def _small_step(carry, x):
     return torch.tanh(carry @ x), carry.sum()
 
