@@ -112,10 +112,12 @@ class MAML:
         randomness: ``torch.func.vmap``'s ``randomness`` for random ops (dropout) across tasks.
         check_finite: raise ``FloatingPointError`` naming the first task and inner step whose
             loss is NaN or inf (a few reductions; off by default, then free).
-        compile: compile the inner loop's steps with ``torch.compile`` (see
-            :func:`fmaml.scan`): ``True``, ``"auto"`` (where measured to win: small models on
-            the CPU, any model on CUDA), or ``torch.compile`` options as a dict or
-            :class:`fmaml.Compile`. Off by default.
+        compile: ``torch.compile`` a chunk of tasks whole (task batching, inner steps and
+            query losses in one graph) where its inner loops keep their graphs, else the inner
+            loop's steps and pull-backs (see :func:`fmaml.scan`): ``True``, ``"auto"`` (where
+            measured to win: operators of at most 2**18 FLOPs on the CPU, i.e. small models),
+            or ``torch.compile`` options as a dict or :class:`fmaml.Compile`. Off by default.
+            Same results to round-off; ``docs/compile.md``.
 
     Example:
         >>> maml = fmaml.MAML(model, F.cross_entropy, inner_lr=0.4)  # doctest: +SKIP
