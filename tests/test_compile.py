@@ -332,6 +332,33 @@ def test_auto_compiles_small_operators_only(gen):
     assert large.calls == 0 and large.eager > 0  # 2**25 FLOPs per matmul: eager
 
 
+def _dynamic_step(carry, x):
+    return torch.tanh(carry + x.sum()), carry.mean()
+
+
+def _dynamic_grad(h0, xs, policy, compile):
+    def loss(h):
+        if policy is None:
+            return reference_scan(_dynamic_step, h, xs)[1].sum()
+        return fmaml.scan(_dynamic_step, h, xs, checkpoint=policy, compile=compile)[1].sum()
+
+    return grad(loss)(h0)
+
+
+def test_dynamic_shapes_share_one_structure(gen):
+    """``dynamic=True``: shapes leave the key, so new sizes compile nothing new."""
+    dynamic = {"backend": "eager", "dynamic": True}
+    entries = []
+    for n in (3, 5, 7):
+        h0, xs = rand(gen, n), rand(gen, 4, n)
+        with compile_stats() as stats:
+            _twice(_dynamic_grad, h0, xs, "binomial", dynamic)
+        got = _dynamic_grad(h0, xs, "binomial", dynamic)
+        torch.testing.assert_close(got, _dynamic_grad(h0, xs, None, None), **TOL)
+        entries.append(stats.compiled)
+    assert entries[0] > 0 and entries[1:] == [0, 0]
+
+
 def test_store_all_scan_traces_inside_torch_compile(gen):
     init, xs, consts = _inputs(gen)
     compiled = torch.compile(
