@@ -35,7 +35,7 @@ import optree
 import torch
 
 from fmaml._compile import Compile, run
-from fmaml._tree import template, traced_fill, traced_leaves, traced_map
+from fmaml._tree import flatten, template, traced_fill, traced_leaves, traced_map, unflatten
 
 __all__ = [
     "pull_back",
@@ -309,7 +309,20 @@ def value_and_grad(
 ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
     """``(value, aux, gradient)`` of ``piece(*unflatten(args_spec, leaves))`` with respect to the
     leaves at ``wanted``, as ``eager()`` returns them: compiled whole if every scan inside keeps
-    its graphs (found on the first, eager call), else ``eager()``."""
+    its graphs (found on the first, eager call), else ``eager()``.
+
+    A piece with a ``compiled_form(*args) -> (fn, fn_args)`` (a MAML chunk of tasks) compiles
+    ``fn`` on ``fn_args`` instead, a function of its own slice of the arguments with the same
+    structure, so that pieces of one shape share one graph; ``compiled_form`` returning None
+    means: eagerly.
+    """
+    form = getattr(piece, "compiled_form", None)
+    if form is not None:
+        found = form(*unflatten(args_spec, list(leaves)))
+        if found is None:
+            return eager()
+        piece, args = found
+        leaves, args_spec = flatten(args)
     try:
         t_args = template(args_spec)
     except TypeError:  # a pytree node type the traced twins do not rebuild

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optree
@@ -690,17 +691,12 @@ class MAML:
 
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
 
-        def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, Any]]:
-            def chunk_loss(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, Any]:
-                chunk = _slice_tasks(t, start, stop)
-                losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
-                if self.check_finite:
-                    _raise_if_not_finite(history, start)
-                return losses.sum() / n_tasks, (losses.detach(), history, extras)
+        def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
+            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
+            return losses.sum() / n_tasks, (losses.detach(), history, extras)
 
-            return chunk_loss
-
-        pieces = [piece(start, stop) for start, stop in run.chunks(n_tasks)]
+        check = _check_history if self.check_finite else None
+        pieces = [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
         try:
             loss, (query_losses, history, extras) = accumulate(
                 pieces, (params, hyper, tasks), name="MAML", compile=self.compile
@@ -1069,6 +1065,41 @@ class MAML:
         if per_step:
             _check_per_step(sup, tasks.support, "tasks.support", k, 1, where)
         return n_tasks
+
+
+# -------------------------------------------------------------------------------------------
+# a chunk of tasks, one term of the meta-loss
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The term of the meta-loss of the tasks ``start:stop``: ``chunk(params, hyper, tasks)``.
+
+    ``loss(params, hyper, chunk)`` sees the chunk's tasks only, so with ``compile=`` every chunk
+    of one shape shares one compiled graph (:meth:`compiled_form`); ``check(aux, start)`` runs
+    after it (``check_finite``).
+    """
+
+    loss: Callable[..., tuple[torch.Tensor, Any]]
+    start: int
+    stop: int
+    check: Callable[[Any, int], None] | None = None
+
+    def __call__(self, params: Params, hyper: Any, tasks: Tasks) -> tuple[torch.Tensor, Any]:
+        value, aux = self.loss(params, hyper, _slice_tasks(tasks, self.start, self.stop))
+        if self.check is not None:
+            self.check(aux, self.start)
+        return value, aux
+
+    def compiled_form(self, params: Params, hyper: Any, tasks: Tasks) -> Any:
+        """``(loss, its arguments)`` to compile, or None (a check must see every chunk)."""
+        if self.check is not None:
+            return None
+        return self.loss, (params, hyper, _slice_tasks(tasks, self.start, self.stop))
+
+
+def _check_history(aux: Any, start: int) -> None:
+    _raise_if_not_finite(aux[1], start)
 
 
 # -------------------------------------------------------------------------------------------
