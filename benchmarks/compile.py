@@ -356,8 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for group in groups:
             print(f"{group}:", flush=True)
             rows += _train_rows(args) if group == "train" else _step_rows(group, args)
-        rows.sort(key=lambda r: GROUPS.index(r["group"]))
-        _write(rows)
+            rows.sort(key=lambda r: GROUPS.index(r["group"]))
+            _write(rows)  # after every group: an interrupted run keeps what it measured
     text = render(rows, where)
     DOC.write_text(text + "\n")
     print(text)
