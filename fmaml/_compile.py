@@ -57,7 +57,9 @@ __all__ = [
     "compile_stats",
     "keeps_graphs",
     "resolve_compile",
+    "auto_declines",
     "run",
+    "suppressed",
 ]
 
 _WHEN = ("always", "auto")
@@ -289,7 +291,8 @@ def _runner(fn: Callable[..., Any], *args: Any) -> Any:
 _CACHE: dict[Hashable, Any] = {}
 _FAILED: dict[Hashable, str] = {}
 _OUT_SPECS: dict[Hashable, Any] = {}
-_EAGER: set[Hashable] = set()  # the first call decided against compiling
+_EAGER: dict[Hashable, str] = {}  # the first call decided against compiling: "gate", "auto"
+_AUTO: dict[Hashable, bool] = {}  # auto_declines's decisions
 _WARNED: set[str] = set()
 _LOCK = threading.Lock()
 
@@ -336,6 +339,7 @@ def clear_cache() -> None:
         _FAILED.clear()
         _OUT_SPECS.clear()
         _EAGER.clear()
+        _AUTO.clear()
         _FAMILIES.clear()
         _WARNED.clear()
 
@@ -490,6 +494,9 @@ def run(
     gate checked that it keeps its graphs). ``family``: what the structures of one function
     share (its code), for the bound :data:`MAX_STRUCTURES`.
     """
+    if _SUPPRESSED:  # inside a piece that "auto" left eager: so are its parts
+        _STATS.eager += 1
+        return eager()
     try:
         peeled, base_args, described = _peel(functools.partial(_flat_out, fn), args)
     except _CannotPeel:
@@ -504,12 +511,15 @@ def run(
     )
     if full_key in _FAILED or full_key in _EAGER:
         _STATS.eager += 1
+        if _EAGER.get(full_key) == "auto":
+            with _suppressing():
+                return eager()
         return eager()
     if full_key not in _OUT_SPECS:
         _STATS.eager += 1
-        out, compiles = _first_call(spec, base_args, eager, gate)
-        if not compiles:
-            _EAGER.add(full_key)
+        out, declined = _first_call(spec, base_args, eager, gate)
+        if declined is not None:
+            _EAGER[full_key] = declined
         _OUT_SPECS[full_key] = optree.tree_structure(out, none_is_leaf=False)
         return out
     runner = _compiled_runner(spec, full_key, family, what)
@@ -540,14 +550,52 @@ def _first_call(
     args: Sequence[Any],
     eager: Callable[[], Any],
     gate: Callable[[Callable[[], Any]], tuple[Any, bool]] | None,
-) -> tuple[Any, bool]:
-    """The first, eager call of a structure, and whether to compile it from then on."""
+) -> tuple[Any, str | None]:
+    """The first, eager call of a structure, and who declined to compile it from then on:
+    None (nobody), ``"gate"`` or ``"auto"`` (then its parts stay eager as well)."""
     count = _OperatorCount() if spec.when == "auto" else contextlib.nullcontext()
     with count:
         out, compiles = gate(eager) if gate is not None else (eager(), True)
     if spec.when == "auto" and not count.compiles(spec, args):
-        compiles = False
-    return out, compiles
+        return out, "auto"
+    return out, None if compiles else "gate"
+
+
+def auto_declines(
+    spec: Compile, key: Hashable, args: Sequence[Any], eager: Callable[[], Any]
+) -> Any:
+    """For a caller that chooses *how* to run before any piece does (a ``store_all`` scan runs
+    as a compiled one-step scan only where that wins): ``(True, eager())`` where
+    ``when="auto"`` declines ``key`` (decided by counting FLOPs on its first call, which
+    ``eager()`` then is), else ``(False, None)``."""
+    if spec.when != "auto":
+        return False, None
+    full_key = ("auto", key, _describe(args, shapes=not spec.dynamic), torch.is_grad_enabled())
+    decided = _AUTO.get(full_key)
+    if decided is None:
+        with _OperatorCount() as count:
+            out = eager()
+        _AUTO[full_key] = not count.compiles(spec, args)
+        return _AUTO[full_key], out if _AUTO[full_key] else None
+    return (True, eager()) if decided else (False, None)
+
+
+_SUPPRESSED = 0
+
+
+@contextlib.contextmanager
+def _suppressing() -> Iterator[None]:
+    global _SUPPRESSED
+    _SUPPRESSED += 1
+    try:
+        yield
+    finally:
+        _SUPPRESSED -= 1
+
+
+def suppressed() -> bool:
+    """Whether a piece that ``when="auto"`` left eager is running (its parts run eagerly)."""
+    return _SUPPRESSED > 0
 
 
 _KEEP_GRAPHS = False

@@ -523,15 +523,25 @@ def _store_all(
     first: tuple[Leaves, Any] | None = None,
 ) -> tuple[Any, Any]:
     """The plain loop: every step's graph is kept (``first``: step 0's result, already run).
-    With ``compile=``, the whole loop as the one step of a checkpointed scan (:func:`_whole`)."""
-    if call.compiled is not None and not _nested():
-        templates = _compiled_pieces.templates(call)
-        if templates is not None:
-            return _whole(call, templates, carry, xs, consts)
-    final, ys = _unroll(call, carry, xs, consts, first)
-    _count("forward_evaluations", call.length)
-    _count("graph_evaluations", call.length)
-    return unflatten(call.init_spec, final), ys
+    With ``compile=``, the whole loop as the one step of a checkpointed scan (:func:`_whole`),
+    unless ``"auto"`` declines it (measured on its first call, which runs the plain loop)."""
+
+    def plain() -> tuple[Any, Any]:
+        final, ys = _unroll(call, carry, xs, consts, first)
+        _count("forward_evaluations", call.length)
+        _count("graph_evaluations", call.length)
+        return unflatten(call.init_spec, final), ys
+
+    if call.compiled is None or _nested() or _compile.suppressed():
+        return plain()
+    templates = _compiled_pieces.templates(call)
+    if templates is None:
+        return plain()
+    key = ("store_all", call._compile_key())
+    declined, out = _compile.auto_declines(call.compiled, key, [*carry, *xs, *consts], plain)
+    if declined:
+        return out
+    return _whole(call, templates, carry, xs, consts)
 
 
 def _whole(

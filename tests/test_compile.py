@@ -333,6 +333,20 @@ def test_auto_compiles_small_operators_only(gen):
     assert large.calls == 0 and large.eager > 0  # 2**25 FLOPs per matmul: eager
 
 
+def test_auto_leaves_a_large_store_all_scan_as_the_plain_loop(gen):
+    """Where "auto" declines, a store_all scan runs its plain loop (not the one-step checkpointed
+    scan that compiling it would use, which recomputes the loop in the backward pass)."""
+    auto = {"backend": "eager", "when": "auto"}
+    c, xs = rand(gen, 256, 256).requires_grad_(), rand(gen, 3, 256, 256)
+    want = torch.autograd.grad(reference_scan(_large_step, c, xs)[1].sum(), c)
+    for _ in range(3):
+        with compile_stats() as stats, fmaml.record_scan() as record:
+            _, ys = fmaml.scan(_large_step, c, xs, checkpoint="store_all", compile=auto)
+        torch.testing.assert_close(torch.autograd.grad(ys.sum(), c), want, **TOL)
+        assert stats.calls == 0
+        assert [choice.keeps_graphs for choice in record.scans] == [True]  # no WholeLoop
+
+
 def _dynamic_step(carry, x):
     return torch.tanh(carry + x.sum()), carry.mean()
 
