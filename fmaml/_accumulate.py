@@ -31,21 +31,17 @@ from typing import Any
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from fmaml._autodiff import _reads_other, transforms_active
+from fmaml._autodiff import transforms_active
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._scan import _guard, _needs_graph, _tracked
 from fmaml._tree import Spec, flatten, unflatten
 
-__all__ = ["ClosureError", "accumulate", "eager_gradient_applies"]
+__all__ = ["accumulate", "eager_gradient_applies"]
 
 Leaves = list[Any]
 #: ``piece(*args) -> (scalar, aux)``: one term of the sum and a pytree of tensors (leading
 #: dimension concatenated over the pieces; not differentiated).
 Piece = Callable[..., tuple[torch.Tensor, Any]]
-
-
-class ClosureError(ValueError):
-    """A piece read a tensor that is being differentiated but is not one of its arguments."""
 
 
 def eager_gradient_applies() -> bool:
@@ -60,7 +56,7 @@ def eager_gradient_applies() -> bool:
 
 
 def accumulate(
-    pieces: Sequence[Piece], args: tuple[Any, ...], *, name: str = "fmaml"
+    pieces: Sequence[Piece], args: tuple[Any, ...], *, check: Callable[[], None] | None = None
 ) -> tuple[torch.Tensor, Any]:
     """``(Σ_j value_j, concatenated aux)`` over ``pieces``, each ``piece(*args) -> (value, aux)``.
 
@@ -68,15 +64,17 @@ def accumulate(
     one piece at a time during this call (see the module docstring). ``aux`` pytrees share one
     structure; their leaves are concatenated along dimension 0 and carry no gradient.
 
-    Raises:
-        ClosureError: a piece reads a tensor that plain autograd records but that is not in
-            ``args`` (its gradient would be lost).
+    The pieces must read every tensor being differentiated through ``args``: the gradient of a
+    tensor they close over is lost. ``check()`` runs first when the gradient is taken here, to
+    raise if they do (a cheap probe by the caller, who knows what the pieces read).
     """
     leaves, spec = flatten(args)
     want = [_tracked(t) and _differentiable(t) for t in leaves]
     if not any(want) or not eager_gradient_applies():
         return _direct(pieces, args)
-    static = _Static(list(pieces), spec, want, name)
+    if check is not None:
+        check()
+    static = _Static(list(pieces), spec, want)
     out = _Accumulated.apply(static, *leaves)
     value, aux_leaves = out[0], list(out[1 : 1 + static.n_aux])
     return value, unflatten(static.aux_spec, aux_leaves)
@@ -108,7 +106,6 @@ class _Static:
     pieces: list[Piece]
     spec: Spec
     want: list[bool]
-    name: str
     rng: RngState | None = None
     devices: tuple[int, ...] = ()
     aux_spec: Spec | None = None
@@ -201,12 +198,6 @@ def _value_and_grad(
         if not isinstance(value, torch.Tensor) or not value.requires_grad:
             grads = [None] * len(fresh)
         else:
-            if _reads_other(value, fresh):
-                raise ClosureError(
-                    f"{static.name}: the loss reads a tensor that requires grad but is not one "
-                    "of the arguments (a closure over a parameter?): its gradient would be lost. "
-                    "Pass it in `params` (or `hyper`) instead."
-                )
             grads = list(torch.autograd.grad(value, fresh, allow_unused=True))
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(fresh, grads, strict=True)]
     return value.detach(), aux, grads

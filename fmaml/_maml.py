@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fmaml import optim
-from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
+from fmaml._accumulate import accumulate
 from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._batching import Batching, TaskFootprint, choose, default_budget
 from fmaml._footprint import SavedBytes, plain_autograd, sample
@@ -674,9 +674,6 @@ class MAML:
         (:func:`fmaml._accumulate.accumulate`). With ``bn_stats="track"`` in train mode, the
         module's running statistics take this meta-step's one update here, from the query
         passes of the forward pass (a recomputation in a backward pass returns no aux)."""
-        if transforms_active() and eager_gradient_applies():
-            self._check_no_closure(params, tasks, hyper)
-
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
 
         def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -690,35 +687,39 @@ class MAML:
             return chunk_loss
 
         pieces = [piece(start, stop) for start, stop in run.chunks(n_tasks)]
-        try:
-            loss, (query_losses, history, extras) = accumulate(
-                pieces, (params, hyper, tasks), name="MAML"
-            )
-        except ClosureError as error:
-            raise ValueError(
-                f"{error} (With `forward=`, read every learned tensor from its `params`.)"
-            ) from None
+        loss, (query_losses, history, extras) = accumulate(
+            pieces,
+            (params, hyper, tasks),
+            check=lambda: self._check_no_closure(params, tasks, hyper, per_step),
+        )
         if self.check_finite:
             _raise_if_query_not_finite(loss)
         self._track(extras, where)
         return loss, _meta_aux(query_losses, history, extras)
 
-    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any) -> None:
-        """Under ``torch.func`` transforms: raise if the loss reads a tensor that a transform
-        tracks but that is not an argument (its gradient would be lost below the transform's
-        level, where :func:`accumulate` computes). One query forward of the first task, at the
-        caller's level on untracked copies of the arguments."""
+    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any, per_step: bool) -> None:
+        """Raise if the inner step reads a tensor that is being differentiated (by autograd or a
+        ``torch.func`` transform) but is not an argument: a closure in ``loss_fn``, ``forward``
+        or ``inner_opt``, whose gradient :func:`accumulate` would lose. One inner step of the
+        first task on untracked copies of the arguments, at the caller's level: anything it
+        returns that is tracked came from a closure."""
+        support = _slice_tree(tasks.support, 0, None, index=True)
+        if per_step:
+            support = _slice_tree(support, 0, None, index=True)
         with torch.no_grad():
             plain = {name: p.detach() for name, p in params.items()}
-            query = optree.tree_map(lambda t: t.detach(), _slice_tree(tasks.query, 0, None, True))
+            batch = optree.tree_map(lambda t: t.detach(), support)
+            h = optree.tree_map(lambda t: t.detach(), hyper, none_is_leaf=False)
+        adapted, frozen = self._split(plain)
+        carry = (adapted, self.inner_opt.init(adapted), self._initial_stats())
         with preserve_rng(cuda_devices(plain.values())):  # the check draws no random numbers
-            value = self.loss({**plain, **self._initial_stats()}, query)
-        if _tracked(value):
+            out = self._step(carry, batch, h, frozen), self.loss({**plain, **carry[2]}, batch)
+        if any(_tracked(t) for t in flatten(out)[0]):
             raise ValueError(
-                "MAML: the loss reads a tensor that an enclosing torch.func transform "
-                "differentiates but that is not an argument of unrolled_loss (a closure in "
-                "`loss_fn` or `forward`?): its gradient would be lost. Pass it in `params` (or "
-                "`hyper`) instead."
+                "MAML: the loss reads a tensor that is being differentiated (it requires grad, "
+                "or a torch.func transform tracks it) but is not an argument (a closure in "
+                "`loss_fn`, `forward` or `inner_opt`?): its gradient would be lost. Pass it in "
+                "`params` (with `forward=`, read it from there) or `hyper` instead."
             )
 
     def _track(self, extras: dict[str, Any], where: str) -> None:

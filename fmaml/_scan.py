@@ -142,23 +142,51 @@ def _count(attr: str, n: int = 1) -> None:
         setattr(stats, attr, getattr(stats, attr) + n)
 
 
-def _peak(
-    stored: dict[int, Leaves], current: Leaves | None, inputs: Sequence[torch.Tensor]
-) -> None:
-    """Record the live carries (the snapshots and the working carry) and the bytes they hold
-    beyond the scan's inputs (when recording)."""
-    if not _RECORDERS:
-        return
-    skip = {id(t) for t in inputs}
-    carries = list(stored.values())
-    if current is not None and all(current is not c for c in carries):
-        carries.append(current)
-    unique = {id(t): t for leaves in carries for t in leaves if id(t) not in skip}
-    held_bytes = sum(_nbytes(t) for t in unique.values())
-    live = len(carries)
-    for stats in _RECORDERS:
-        stats.max_live_snapshots = max(stats.max_live_snapshots, live)
-        stats.max_held_bytes = max(stats.max_held_bytes, held_bytes)
+class _Held:
+    """The carries a checkpointed scan holds (its snapshots and the working carry), for
+    :func:`record_scan`: the live count and the bytes beyond the scan's inputs, kept up to date
+    at each change in time proportional to one carry, never to the snapshots held."""
+
+    def __init__(self, stored: dict[int, Leaves], inputs: Sequence[torch.Tensor]) -> None:
+        self.skip = {id(t) for t in inputs}
+        self.refs: dict[int, int] = {}  # tensor id -> how many snapshots hold it
+        self.snapshots: dict[int, int] = {}  # id of a snapshot's leaf list -> times stored
+        self.count = 0  # snapshots held
+        self.bytes = 0
+        for leaves in stored.values():
+            self.add(leaves)
+
+    def add(self, leaves: Leaves) -> None:
+        self.snapshots[id(leaves)] = self.snapshots.get(id(leaves), 0) + 1
+        self.count += 1
+        for t in leaves:
+            if id(t) not in self.skip:
+                if id(t) not in self.refs:
+                    self.bytes += _nbytes(t)
+                self.refs[id(t)] = self.refs.get(id(t), 0) + 1
+
+    def remove(self, leaves: Leaves) -> None:
+        self.snapshots[id(leaves)] -= 1
+        self.count -= 1
+        if not self.snapshots[id(leaves)]:
+            del self.snapshots[id(leaves)]
+        for t in leaves:
+            if id(t) in self.refs:
+                self.refs[id(t)] -= 1
+                if not self.refs[id(t)]:
+                    del self.refs[id(t)]
+                    self.bytes -= _nbytes(t)
+
+    def observe(self, current: Leaves | None) -> None:
+        """Record the peak with ``current`` as the working carry."""
+        live, held = self.count, self.bytes
+        if current is not None and id(current) not in self.snapshots:
+            live += 1
+            new = {id(t): t for t in current if id(t) not in self.skip and id(t) not in self.refs}
+            held += sum(_nbytes(t) for t in new.values())
+        for stats in _RECORDERS:
+            stats.max_live_snapshots = max(stats.max_live_snapshots, live)
+            stats.max_held_bytes = max(stats.max_held_bytes, held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,7 +801,8 @@ def _store_refs(
                 extra.append(leaf)
             refs.append(where[id(leaf)])
         static.refs[index] = refs
-    _peak(stored, None, flat[: static.n_in])  # c1 is an input of the Function, not of the scan
+    if _RECORDERS:  # c1 is an input of the Function, not of the scan
+        _Held(stored, flat[: static.n_in]).observe(None)
     for stats in _RECORDERS:
         stats.plans.append(static.plan)
     return extra
@@ -878,7 +907,7 @@ class _Backward:
         ct_c: list[torch.Tensor | None] = list(self.ct_carry)
         g_steps: list[Leaves | None] = [None] * n
         g_consts: list[torch.Tensor | None] = [None] * call.n_consts
-        inputs = [*self.init, *self.xs, *self.consts]
+        held = _Held(stored, [*self.init, *self.xs, *self.consts]) if _RECORDERS else None
         with preserve_rng(static.devices):
             rng[n - 1].restore()
             for action in static.plan.backward:
@@ -892,15 +921,20 @@ class _Backward:
                     for i in range(action.start, action.stop):
                         current, _ = call.call_step(i, current, self.xs, self.consts)
                     _count("recomputations", action.stop - action.start)
-                    _peak(stored, current, inputs)  # the working carry may be no snapshot
+                    if held is not None:  # the working carry may be no snapshot
+                        held.observe(current)
                 elif isinstance(action, sch.Restore):
                     current = stored[action.index]
                     rng[action.index].restore()
                 elif isinstance(action, sch.Snapshot):
                     stored[action.index] = current
                     rng[action.index] = RngState.capture(static.devices)
-                    _peak(stored, current, inputs)
+                    if held is not None:
+                        held.add(current)
+                        held.observe(current)
                 elif isinstance(action, sch.Free):
+                    if held is not None:
+                        held.remove(stored[action.index])
                     del stored[action.index]
         g_init = [
             None if not _differentiable(t) else _zero_if_none(g, t)
