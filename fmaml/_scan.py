@@ -31,7 +31,7 @@ from torch._functorch.pyfunctorch import coerce_cinterpreter
 
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
-from fmaml._footprint import measured, sampled_graph_bytes
+from fmaml._footprint import batch_factor, measured, sampled_graph_bytes
 from fmaml._policy import Auto, Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
@@ -256,7 +256,7 @@ class _Call:
     f: Callable[..., Any]
     length: int
     init_spec: Spec
-    init_paths: list[str]
+    init: Any  # the initial carry as given, for the paths in error messages
     xs_spec: Spec | None
     consts_spec: Spec | None
     n_init: int
@@ -287,19 +287,26 @@ class _Call:
         return leaves, y
 
     def check_carry(self, init: Leaves, new: Leaves) -> None:
-        for path, a, b in zip(self.init_paths, init, new, strict=True):
-            if not isinstance(b, torch.Tensor):
-                raise TypeError(
-                    f"fmaml.scan: `f` returned a non-tensor carry leaf {path} = "
-                    f"{describe_leaf(b)}; every carry leaf must be a tensor (use None for an "
-                    "empty slot)."
-                )
-            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-                raise TypeError(
-                    f"fmaml.scan: the carry component {path} has type {describe_leaf(a)} on "
-                    f"{a.device} in `init` but `f` returned {describe_leaf(b)} on {b.device}. "
-                    "The carry must keep its shapes, dtypes and devices: cast inside `f`."
-                )
+        for j, (a, b) in enumerate(zip(init, new, strict=True)):
+            same = isinstance(b, torch.Tensor) and (
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            )
+            if not same:
+                self._bad_carry(leaf_paths(self.init, "carry")[j], a, b)
+
+    @staticmethod
+    def _bad_carry(path: str, a: torch.Tensor, b: Any) -> None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(
+                f"fmaml.scan: `f` returned a non-tensor carry leaf {path} = "
+                f"{describe_leaf(b)}; every carry leaf must be a tensor (use None for an "
+                "empty slot)."
+            )
+        raise TypeError(
+            f"fmaml.scan: the carry component {path} has type {describe_leaf(a)} on "
+            f"{a.device} in `init` but `f` returned {describe_leaf(b)} on {b.device}. "
+            "The carry must keep its shapes, dtypes and devices: cast inside `f`."
+        )
 
     def x_at(self, xs: Leaves, i: int) -> Leaves:
         return [leaf[i] for leaf in xs]
@@ -312,6 +319,8 @@ class _Call:
 
 def _check_leaves(tree: Any, name: str) -> tuple[Leaves, Spec]:
     leaves, spec = flatten(tree)
+    if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return leaves, spec
     for path, leaf in zip(leaf_paths(tree, name), leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -365,7 +374,7 @@ def _build_call(
         f=f,
         length=length,
         init_spec=init_spec,
-        init_paths=leaf_paths(init, "carry"),
+        init=init,
         xs_spec=xs_spec,
         consts_spec=consts_spec,
         n_init=len(init_leaves),
@@ -532,6 +541,12 @@ def _auto(call: _Call, policy: Auto, init: Leaves, xs: Leaves, consts: Leaves) -
     else checkpoint with the snapshots the rest of the budget buys."""
     inputs = [*init, *xs, *consts]
     x0 = call.x_at(xs, 0)
+    if policy.graph_bytes is not None:  # known: scaled by the vmap batch, nothing measured
+        graph = policy.graph_bytes * max([batch_factor(t) for t in init] or [1])
+        if policy.keeps_graphs(call.length, _carry_bytes(init), graph):
+            _choice(call, policy, None, init, graph)
+            return _store_all(call, init, xs, consts)
+        return _checkpointed(call, policy, init, xs, consts, graph_bytes=graph)
     if not transforms_active():
         # Plain autograd: step 0 runs for real, its graph measured on the way. Kept if every
         # graph fits; otherwise its result, detached, starts the checkpointed scan.
@@ -832,32 +847,39 @@ def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 class _NoGraph(torch.autograd.Function):
-    """Identity whose derivative raises: marks a gradient computed without a graph."""
+    """Identity whose derivative raises: marks gradients computed without a graph."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(value: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return value.clone()
+    def forward(who: str, anchor: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(v.clone() for v in values)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
+        ctx.who = inputs[0]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         raise RuntimeError(
-            "fmaml.scan: a gradient computed through a checkpointed scan without a graph is being "
-            "differentiated again at the same level (torch.autograd.grad(..., create_graph=True) "
-            "inside torch.func.grad?). Nest torch.func transforms instead (jacrev(grad(f))), "
+            f"{ctx.who} without a graph is being differentiated again at the same level "
+            "(torch.autograd.grad(..., create_graph=True) inside torch.func.grad?). Nest torch.func transforms instead (jacrev(grad(f))), "
             "differentiate with plain autograd and create_graph=True outside torch.func, or use "
             "checkpoint='store_all'."
         )
 
 
-def _guard(anchor: torch.Tensor) -> Callable[[Leaves], Leaves]:
+def _guard(
+    anchor: torch.Tensor, who: str = "fmaml.scan: a gradient computed through a checkpointed scan"
+) -> Callable[[Leaves], Leaves]:
+    """Wrap gradients in one :class:`_NoGraph` node (the ``None`` ones stay ``None``)."""
+
     def apply(grads: Leaves) -> Leaves:
-        return [None if g is None else _NoGraph.apply(g, anchor) for g in grads]
+        where = [j for j, g in enumerate(grads) if g is not None]
+        if not where:
+            return list(grads)
+        guarded = _NoGraph.apply(who, anchor, *(grads[j] for j in where))
+        return _put(list(grads), where, guarded)
 
     return apply
 
