@@ -109,7 +109,7 @@ def grad_and_value_any(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux, none_is_leaf=False
         )
     out, start = [], 0
-    for (leaves, spec), group in zip(flats, wrt, strict=True):
+    for (_, spec), group in zip(flats, wrt, strict=True):
         out.append(optree.tree_unflatten(spec, filled[start : start + len(group)]))
         start += len(group)
     return (out[0] if isinstance(argnums, int) else tuple(out)), (value, aux)

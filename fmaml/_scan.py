@@ -863,7 +863,8 @@ class _NoGraph(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         raise RuntimeError(
             f"{ctx.who} without a graph is being differentiated again at the same level "
-            "(torch.autograd.grad(..., create_graph=True) inside torch.func.grad?). Nest torch.func transforms instead (jacrev(grad(f))), "
+            "(torch.autograd.grad(..., create_graph=True) inside torch.func.grad?). Nest "
+            "torch.func transforms instead (jacrev(grad(f))), "
             "differentiate with plain autograd and create_graph=True outside torch.func, or use "
             "checkpoint='store_all'."
         )
