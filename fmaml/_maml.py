@@ -11,6 +11,8 @@ batch), so its gradient is exact and its memory follows the checkpoint policy, n
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,12 +25,13 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fmaml import optim
-from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
+from fmaml._accumulate import accumulate
 from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._batching import Batching, TaskFootprint, choose, default_budget
 from fmaml._compile import Compile, resolve_compile
 from fmaml._footprint import SavedBytes, plain_autograd, sample
 from fmaml._functional import (
+    BufferReader,
     batch_norm_in_plain_ops,
     check_trackable,
     check_tracked,
@@ -235,6 +238,7 @@ class MAML:
         self.check_finite = bool(check_finite)
         self.compile = resolve_compile(compile, "MAML")
         self._names = [name for name, _ in model.named_parameters()]
+        self._buffers = BufferReader(model)
         self.adapt_only = _resolve_subset(adapt_only, self._names)
 
     def __repr__(self) -> str:
@@ -336,14 +340,23 @@ class MAML:
         carried statistics (``bn_stats="carry"``) and the batch statistics of the BatchNorms
         (``"carry"``; ``"track"`` on a query pass in train mode).
         """
-        buffers = inner_buffers(self.model)
-        stats = {n: t for n, t in params.items() if n in buffers}
-        weights = {n: t for n, t in params.items() if n not in buffers}
+        buffers = self._buffers()
+        if buffers:
+            stats = {n: t for n, t in params.items() if n in buffers}
+            weights = {n: t for n, t in params.items() if n not in buffers}
+        else:  # no buffers (an MLP, a conv net without BatchNorm): the parameters as they are
+            stats, weights = {}, params
         if query and self.bn_stats == "track":
             stats = module_running_stats(self.model)
-        context = collect_running_stats(stats) if stats else batch_norm_in_plain_ops()
+        if stats:
+            context = collect_running_stats(stats)
+        elif transforms_active():  # the plain-ops BatchNorm matters under vmap only
+            context = batch_norm_in_plain_ops()
+        else:
+            context = contextlib.nullcontext()
+        merged = {**weights, **buffers, **stats} if buffers or stats else weights
         with context as collector:
-            out = functional_call(self.model, {**weights, **buffers, **stats}, (x,))
+            out = functional_call(self.model, merged, (x,))
         return out, collector
 
     def _query(
@@ -439,15 +452,17 @@ class MAML:
         if self.max_grad_grad_norm is not None:
             adapted = optim.clip_backward(adapted, self.max_grad_grad_norm)
         grads, (value, updated) = grad_and_value_any(
-            lambda a: self._loss_and_stats({**frozen, **a, **stats}, batch),
+            lambda a: self._loss_and_stats(
+                {**frozen, **a, **stats} if frozen or stats else a, batch
+            ),
             (adapted,),
             context=(frozen, stats, batch),
         )
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
-        updates, state = self.inner_opt.update(grads, state, adapted, hyper)
+        new, state = optim.update_and_apply(self.inner_opt, grads, state, adapted, hyper)
         stats = {name: updated.get(name, t) for name, t in stats.items()}
-        return (optim.apply_updates(adapted, updates), state, stats), value.detach()
+        return (new, state, stats), value.detach()
 
     def _adapt_one(
         self,
@@ -686,9 +701,6 @@ class MAML:
         (:func:`fmaml._accumulate.accumulate`). With ``bn_stats="track"`` in train mode, the
         module's running statistics take this meta-step's one update here, from the query
         passes of the forward pass (a recomputation in a backward pass returns no aux)."""
-        if transforms_active() and eager_gradient_applies():
-            self._check_no_closure(params, tasks, hyper)
-
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
 
         def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
@@ -697,35 +709,42 @@ class MAML:
 
         check = _check_history if self.check_finite else None
         pieces = [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
-        try:
-            loss, (query_losses, history, extras) = accumulate(
-                pieces, (params, hyper, tasks), name="MAML", compile=self.compile
-            )
-        except ClosureError as error:
-            raise ValueError(
-                f"{error} (With `forward=`, read every learned tensor from its `params`.)"
-            ) from None
+        loss, (query_losses, history, extras) = accumulate(
+            pieces,
+            (params, hyper, tasks),
+            check=lambda: self._check_no_closure(params, tasks, hyper, per_step),
+            compile=self.compile,
+        )
         if self.check_finite:
             _raise_if_query_not_finite(loss)
         self._track(extras, where)
         return loss, _meta_aux(query_losses, history, extras)
 
-    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any) -> None:
-        """Under ``torch.func`` transforms: raise if the loss reads a tensor that a transform
-        tracks but that is not an argument (its gradient would be lost below the transform's
-        level, where :func:`accumulate` computes). One query forward of the first task, at the
-        caller's level on untracked copies of the arguments."""
+    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any, per_step: bool) -> None:
+        """Raise if the inner step reads a tensor that is being differentiated (by autograd or a
+        ``torch.func`` transform) but is not an argument: a closure in ``loss_fn``, ``forward``
+        or ``inner_opt``, whose gradient :func:`accumulate` would lose. At the caller's level,
+        on untracked copies of the arguments: the first task's support loss, and an optimizer
+        update of zero gradients. Anything they return that is tracked came from a closure
+        (tracking follows the operations, not the values)."""
+        support = _slice_tree(tasks.support, 0, None, index=True)
+        if per_step:
+            support = _slice_tree(support, 0, None, index=True)
         with torch.no_grad():
             plain = {name: p.detach() for name, p in params.items()}
-            query = optree.tree_map(lambda t: t.detach(), _slice_tree(tasks.query, 0, None, True))
+            batch = optree.tree_map(lambda t: t.detach(), support)
+            h = optree.tree_map(lambda t: t.detach(), hyper, none_is_leaf=False)
+            adapted, _ = self._split(plain)
+            zeros = {name: torch.zeros_like(p) for name, p in adapted.items()}
         with preserve_rng(cuda_devices(plain.values())):  # the check draws no random numbers
-            value = self.loss({**plain, **self._initial_stats()}, query)
-        if _tracked(value):
+            loss, _ = self._loss_and_stats({**plain, **self._initial_stats()}, batch)
+            updates, _ = self.inner_opt.update(zeros, self.inner_opt.init(adapted), adapted, h)
+        if any(_tracked(t) for t in flatten((loss, updates))[0]):
             raise ValueError(
-                "MAML: the loss reads a tensor that an enclosing torch.func transform "
-                "differentiates but that is not an argument of unrolled_loss (a closure in "
-                "`loss_fn` or `forward`?): its gradient would be lost. Pass it in `params` (or "
-                "`hyper`) instead."
+                "MAML: the loss reads a tensor that is being differentiated (it requires grad, "
+                "or a torch.func transform tracks it) but is not an argument (a closure in "
+                "`loss_fn`, `forward` or `inner_opt`?): its gradient would be lost. Pass it in "
+                "`params` (with `forward=`, read it from there) or `hyper` instead."
             )
 
     def _track(self, extras: dict[str, Any], where: str) -> None:
@@ -768,12 +787,15 @@ class MAML:
     ) -> Batching:
         """How this call runs its tasks (``batching``; the rule of ``fmaml._batching``).
         ``inputs_only``: ``query`` holds the model's inputs alone (:meth:`predict`)."""
-        if self.batching == "loop":
-            run = Batching("loop", None, "batching='loop'")
-        elif self.batching == "vmap":
-            run = Batching("vmap", self.task_chunk, "batching='vmap'")
-        else:
+        auto = isinstance(self.checkpoint, Auto) and self.checkpoint.graph_bytes is None
+        footprint = None
+        if self.batching == "auto" or auto:  # the scans' step graph: measured here, once
             footprint = self._footprint(params, support, query, per_step, hyper, inputs_only)
+        if self.batching == "loop":
+            run = Batching("loop", None, "batching='loop'", footprint)
+        elif self.batching == "vmap":
+            run = Batching("vmap", self.task_chunk, "batching='vmap'", footprint)
+        else:
             device = next(iter(params.values())).device
             budget = int(self.memory_budget or default_budget(device))
             run = choose(footprint, n_tasks, k, device, budget, self._checkpoint_budget(k))
@@ -839,11 +861,18 @@ class MAML:
         )
 
     def _chunk_policy(self, run: Batching, size: int) -> Policy:
-        """The checkpoint policy of a chunk of ``size`` tasks: the default ``"auto"`` budget is
-        per task, so a ``vmap`` of ``size`` tasks gets ``size`` times it."""
-        if run.mode == "vmap" and size > 1 and self.checkpoint == Auto():
-            return Auto(budget_bytes=size * Auto().budget)
-        return self.checkpoint
+        """The checkpoint policy of a chunk of ``size`` tasks. ``"auto"`` gets the step graph
+        measured for this call's shapes (its scans need not measure it again), and the default
+        budget is per task: a ``vmap`` of ``size`` tasks gets ``size`` times it."""
+        policy = self.checkpoint
+        if not isinstance(policy, Auto) or policy.graph_bytes is not None or run.footprint is None:
+            return policy
+        budget = policy.budget_bytes
+        if budget is None and run.mode == "vmap" and size > 1:
+            budget = size * policy.budget
+        return dataclasses.replace(
+            policy, budget_bytes=budget, graph_bytes=run.footprint.step_bytes
+        )
 
     def _task_losses(
         self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
