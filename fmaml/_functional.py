@@ -301,7 +301,11 @@ _NATIVE_BATCH_NORM = F.batch_norm
 
 
 def _under_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` level is active (where the native kernel's bug bites)."""
+    """Whether a ``torch.func.vmap`` level is active (where the native kernel's bug bites).
+    True inside a function that ``torch.compile`` traces (``compile=``): dynamo cannot read the
+    transform stack, and the plain ops are exact everywhere."""
+    if torch.compiler.is_compiling():
+        return True
     return any(i.key() == TransformType.Vmap for i in get_interpreter_stack() or ())
 
 

@@ -189,6 +189,22 @@ def test_maml_compiled_equals_eager(policy, path, mamls):
     assert stats.calls > 0 and not stats.failures
 
 
+def test_maml_with_batch_norm_compiles(gen):
+    """BatchNorm on batch statistics (plain ops under vmap, where the native kernel's second
+    derivative is wrong) compiles, and equals eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
+    params = fmaml.params(model)
+    x = rand(gen, 4, 6, 1)
+    tasks = fmaml.Tasks((x, torch.sin(x)), (x, torch.cos(x)))
+    compiled = fmaml.MAML(model, F.mse_loss, inner_lr=0.3, batching="vmap", compile=EAGER)
+    eager = fmaml.MAML(model, F.mse_loss, inner_lr=0.3, batching="vmap")
+    with compile_stats() as stats:
+        got = _twice(_maml_path, compiled, "grad", params, tasks, 2)
+    assert_trees_close(got, _maml_path(eager, "grad", params, tasks, 2), **TOL)
+    assert stats.calls > 0 and not stats.failures
+
+
 def test_maml_keeping_graphs_compiles_the_chunk_whole(mamls):
     """Inner loops that keep their graphs compile with the task batching and the query loss:
     one compiled piece per chunk; a checkpointed inner loop compiles its steps instead."""
