@@ -273,7 +273,11 @@ def update_and_apply(
     alpha=-lr)`` per leaf, which halves the operations of the step and of its graph (MAML
     differentiates through it); the result is the same up to float rounding.
     """
-    if isinstance(opt.update, _Scale) and _flat_dicts(params, grads):
+    # Not while torch.compile traces (compile=): inductor (torch 2.13, CPU) miscompiles the
+    # second derivative through add(..., alpha=) after a convolution (measured off by 2 to 14x
+    # relative; aot_eager is exact), and a compiled graph fuses the two operations anyway.
+    fuse = not torch.compiler.is_compiling()
+    if fuse and isinstance(opt.update, _Scale) and _flat_dicts(params, grads):
         factor = opt.update.factor
         return {n: torch.add(p, grads[n], alpha=factor) for n, p in params.items()}, state
     updates, state = opt.update(grads, state, params, hyper)

@@ -443,32 +443,46 @@ def test_maml_rejects_bad_compile(gen):
 
 @pytest.fixture(scope="module")
 def inductor_maml():
+    """A tiny conv net with dropout (a convolution's second derivative is where inductor once
+    went wrong: fmaml.optim.update_and_apply)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Dropout(0.2), nn.Linear(4, 1)).to(F64)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(8, 3),
+    ).to(F64)
     params = fmaml.params(model)
     g = torch.Generator().manual_seed(5)
-    x, xq = rand(g, 3, 5, 1), rand(g, 3, 5, 1)
-    tasks = fmaml.Tasks((x, torch.sin(x)), (xq, torch.cos(xq)))
-    return model, params, tasks
+    x, xq = rand(g, 2, 3, 1, 4, 4), rand(g, 2, 3, 1, 4, 4)
+    labels = torch.arange(3).repeat(2, 1)
+    return model, params, fmaml.Tasks((x, labels), (xq, labels))
 
 
 @pytest.mark.slow
 def test_inductor_float64_equals_eager_with_dropout(inductor_maml):
     """Inductor's kernels in float64, and dropout replayed by a checkpointed scan across its
     compiled pieces (the step without a graph in the forward pass, the step with its vjp in the
-    backward: two graphs that must draw the same numbers, as eager dropout does), under
-    ``.backward()``."""
+    backward: two graphs that must draw the same numbers, as eager dropout does), and a chunk
+    compiled whole (store_all), under ``.backward()``, one task at a time."""
     model, params, tasks = inductor_maml
-    compiled = fmaml.MAML(model, F.mse_loss, inner_lr=0.3, checkpoint="binomial", compile=True)
-    eager = fmaml.MAML(model, F.mse_loss, inner_lr=0.3, checkpoint="store_all")
+    for policy in ("binomial", "store_all"):
+        compiled = fmaml.MAML(
+            model, F.cross_entropy, inner_lr=0.3, checkpoint=policy, batching="loop", compile=True
+        )
+        eager = fmaml.MAML(
+            model, F.cross_entropy, inner_lr=0.3, checkpoint="store_all", batching="loop"
+        )
 
-    def run(maml, seed):
-        torch.manual_seed(seed)
-        return _maml_path(maml, "backward", params, tasks, k=3)
+        def run(maml, seed):
+            torch.manual_seed(seed)
+            return _maml_path(maml, "backward", params, tasks, k=2)
 
-    with compile_stats() as stats:
-        run(compiled, 0)
-        got = run(compiled, 1)
-    assert stats.calls > 0 and not stats.failures
-    assert_trees_close(got, run(eager, 1), rtol=1e-10, atol=1e-12)
-    assert optree.tree_all(optree.tree_map(lambda t: bool(t.abs().sum() > 0), got))
+        with compile_stats() as stats:
+            run(compiled, 0)
+            got = run(compiled, 1)
+        assert stats.calls > 0 and not stats.failures
+        assert_trees_close(got, run(eager, 1), rtol=1e-10, atol=1e-12)
+        assert optree.tree_all(optree.tree_map(lambda t: bool(t.abs().sum() > 0), got))
