@@ -526,6 +526,115 @@ class MAML:
         return new, history, stats
 
     # ---------------------------------------------------------------------------------------
+    # a chunk of tasks as one batch under plain autograd
+
+    def _batched(self, run: Batching) -> bool:
+        """Whether a ``vmap`` chunk runs as one batch under plain autograd: every forward pass
+        is vmapped over the tasks, and the inner gradients are plain autograd's gradients of
+        the summed task losses with respect to per-task parameters (each task's gradient is
+        its own loss's). No ``torch.func.grad`` level runs inside ``vmap``, which is 1.5x-2x
+        faster for small models. Used where no ``torch.func`` level is active (the default
+        route of ``unrolled_loss`` and ``meta_grad``) and without ``max_grad_grad_norm``."""
+        return run.mode == "vmap" and not transforms_active() and self.max_grad_grad_norm is None
+
+    def _adapt_batch(
+        self,
+        params: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy,
+        n: int,
+    ) -> tuple[Params, torch.Tensor]:
+        """:meth:`_adapt_one` for ``n`` tasks at once (every returned leaf has a leading ``n``,
+        the history is ``(n, k)``)."""
+        adapted, frozen = self._split(params)
+        batch = {name: p.expand(n, *p.shape) for name, p in adapted.items()}
+        if per_step:  # (T, k, N, ...) -> (k, T, N, ...): the scan slices the steps
+            support = optree.tree_map(lambda t: t.movedim(1, 0), support)
+        if self.first_order:  # see _adapt_one
+            plain = {name: p.detach() for name, p in batch.items()}
+            rest = {name: p.detach() for name, p in frozen.items()}
+            if hyper is None:
+                with torch.no_grad():
+                    new, history, stats = self._unroll_batch(
+                        plain, support, k, per_step, None, rest, "store_all"
+                    )
+            else:
+                new, history, stats = self._unroll_batch(
+                    plain, support, k, per_step, hyper, rest, policy
+                )
+            new = {name: p + (new[name] - p.detach()) for name, p in batch.items()}
+        else:
+            new, history, stats = self._unroll_batch(
+                batch, support, k, per_step, hyper, frozen, policy
+            )
+        out = {
+            name: new[name] if name in new else frozen[name].expand(n, *frozen[name].shape)
+            for name in params
+        }
+        return {**out, **stats}, history
+
+    def _unroll_batch(
+        self,
+        adapted: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        frozen: Params,
+        checkpoint: Any,
+    ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
+        n = next(iter(adapted.values())).shape[0]
+        state = vmap(self.inner_opt.init)(adapted)
+        stats = {name: t.expand(n, *t.shape) for name, t in self._initial_stats().items()}
+        init = (adapted, state, stats)
+        if per_step:
+            (new, _, stats), history = scan(
+                lambda c, batch, consts: self._step_batch(c, batch, *consts),
+                init,
+                support,
+                checkpoint=checkpoint,
+                consts=(hyper, frozen),
+            )
+        else:
+            (new, _, stats), history = scan(
+                lambda c, _, consts: self._step_batch(c, consts[0], *consts[1:]),
+                init,
+                length=k,
+                checkpoint=checkpoint,
+                consts=(support, hyper, frozen),
+            )
+        history = history.movedim(0, 1) if history.dim() == 2 else history.new_zeros(n, 0)
+        return new, history, stats
+
+    def _step_batch(
+        self, carry: tuple[Params, Any, dict], batch: Batch, hyper: Any, frozen: Params
+    ) -> tuple[tuple[Params, Any, dict], torch.Tensor]:
+        """:meth:`_step` for a batch of tasks: carry leaves and ``batch`` have a leading ``T``."""
+        adapted, state, stats = carry
+
+        def one(a: Params, b: Batch, s: dict) -> tuple[torch.Tensor, dict]:
+            return self._loss_and_stats({**frozen, **a, **s} if frozen or s else a, b)
+
+        def total(a: Params) -> tuple[torch.Tensor, tuple[torch.Tensor, dict]]:
+            losses, updated = vmap(one, randomness=self.randomness)(a, batch, stats)
+            return losses.sum(), (losses, updated)
+
+        grads, (_, (losses, updated)) = grad_and_value_any(
+            total, (adapted,), context=(frozen, stats, batch)
+        )
+        if self.first_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        new, state = vmap(
+            lambda g, st, p: optim.update_and_apply(self.inner_opt, g, st, p, hyper),
+            randomness=self.randomness,
+        )(grads, state, adapted)
+        stats = {name: updated.get(name, t) for name, t in stats.items()}
+        return (new, state, stats), losses.detach()
+
+    # ---------------------------------------------------------------------------------------
     # public, batched
 
     def adapt(
@@ -671,6 +780,12 @@ class MAML:
         meta-gradient)`` (``jax.value_and_grad``'s layout), ``aux`` the :class:`fmaml.MetaAux`
         of :meth:`unrolled_loss`.
 
+        For training loops: outside ``torch.func`` transforms the results carry no graph, even
+        when ``params`` require grad (as ``.grad`` after ``loss.backward()``). To differentiate
+        the meta-gradient again, differentiate :meth:`unrolled_loss` (``jacrev(grad(...))``, or
+        ``torch.autograd.grad(..., create_graph=True)``); under ``torch.func`` transforms this
+        method composes as ``torch.func.grad_and_value`` does.
+
         Example:
             >>> (loss, aux), g = maml.meta_grad(params, tasks, 5, has_aux=True)  # doctest: +SKIP
         """
@@ -678,6 +793,9 @@ class MAML:
         n_tasks = self._check_tasks(params, tasks, k, per_step, where)
         self._check_hyper(params, hyper, where)
         argnums = 0 if hyper is None else (0, 1)
+        if not transforms_active():  # no graph of the meta-gradient (see above)
+            params = {name: p.detach() for name, p in params.items()}
+            hyper = optree.tree_map(torch.Tensor.detach, hyper, none_is_leaf=False)
         grads, (loss, aux) = grad_and_value_any(
             lambda p, h: self._accumulated(p, tasks, k, h, per_step, n_tasks, where),
             (params, hyper),
@@ -867,12 +985,13 @@ class MAML:
         policy = self.checkpoint
         if not isinstance(policy, Auto) or policy.graph_bytes is not None or run.footprint is None:
             return policy
-        budget = policy.budget_bytes
-        if budget is None and run.mode == "vmap" and size > 1:
-            budget = size * policy.budget
-        return dataclasses.replace(
-            policy, budget_bytes=budget, graph_bytes=run.footprint.step_bytes
-        )
+        budget, graph = policy.budget_bytes, run.footprint.step_bytes
+        if run.mode == "vmap" and size > 1:
+            if budget is None:
+                budget = size * policy.budget
+            if self._batched(run):  # plain tensors with a task dimension: no vmap batch to see
+                graph *= size
+        return dataclasses.replace(policy, budget_bytes=budget, graph_bytes=graph)
 
     def _task_losses(
         self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
@@ -889,6 +1008,12 @@ class MAML:
             # weights into slower grouped convolutions)
             parts = [one(*_slice_tasks(tasks, t, None, index=True)) for t in range(n)]
             return optree.tree_map(lambda *ts: torch.stack(ts), *parts)
+        if self._batched(run):
+            adapted, history = self._adapt_batch(
+                params, tasks.support, k, per_step, hyper, policy, n
+            )
+            losses, extras = vmap(self._query, randomness=self.randomness)(adapted, tasks.query)
+            return losses, history, extras
         if self.max_grad_grad_norm is not None:
             own = self._per_task_params(params, n)
             return vmap(
@@ -935,6 +1060,8 @@ class MAML:
             ]
             adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
             return adapted, torch.stack([h for _, h in parts])
+        if self._batched(run):
+            return self._adapt_batch(params, support, k, per_step, hyper, policy, n)
         if self.max_grad_grad_norm is not None:  # see _per_task_params
             own = self._per_task_params(params, n)
             return vmap(
