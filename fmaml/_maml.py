@@ -597,6 +597,7 @@ class MAML:
                 support,
                 checkpoint=checkpoint,
                 consts=(hyper, frozen),
+                compile=self.compile,
             )
         else:
             (new, _, stats), history = scan(
@@ -605,6 +606,7 @@ class MAML:
                 length=k,
                 checkpoint=checkpoint,
                 consts=(support, hyper, frozen),
+                compile=self.compile,
             )
         history = history.movedim(0, 1) if history.dim() == 2 else history.new_zeros(n, 0)
         return new, history, stats
