@@ -29,6 +29,7 @@ from torch._C._functorch import (
 )
 from torch._functorch.pyfunctorch import coerce_cinterpreter
 
+from fmaml import _forward
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
 from fmaml._policy import Policy, resolve_policy
@@ -52,6 +53,8 @@ class ScanStats:
         forward_evaluations: steps evaluated without a graph in forward passes.
         recomputations: steps evaluated again without a graph in backward passes.
         graph_evaluations: steps evaluated with a graph (one per step and backward pass).
+        tangent_evaluations: steps evaluated with tangents by forward-mode AD (``jvp``,
+            ``jacfwd``; see ``fmaml._forward``), which stores nothing for them.
         max_live_snapshots: most carries held at once: the snapshots (the initial carry counts
             as one) plus the working carry when it is not itself a snapshot.
         max_held_bytes: most bytes of carries the scans held beyond their inputs (snapshots and
@@ -62,6 +65,7 @@ class ScanStats:
     forward_evaluations: int = 0
     recomputations: int = 0
     graph_evaluations: int = 0
+    tangent_evaluations: int = 0
     max_live_snapshots: int = 0
     max_held_bytes: int = 0
     plans: list[sch.Plan] = field(default_factory=list)
@@ -367,6 +371,8 @@ def scan(
     call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts)
     if call.length == 0:
         return _empty_scan(call, init, init_leaves, xs_leaves, consts_leaves)
+    if _forward.forward_only([*init_leaves, *xs_leaves, *consts_leaves]):
+        return _forward.forward_scan(call, init_leaves, xs_leaves, consts_leaves)
     if policy.stores_all(call.length) or _nested():
         return _store_all(call, init_leaves, xs_leaves, consts_leaves)
     return _checkpointed(call, policy, init_leaves, xs_leaves, consts_leaves)
@@ -418,27 +424,21 @@ def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[
     return unflatten(call.init_spec, carry), _stack_ys(call, ys, spec)
 
 
-_NO_FORWARD_MODE = (
-    "fmaml.scan: forward-mode AD (torch.func.jvp, jacfwd) is not supported through a "
-    "checkpointed scan. Use checkpoint='store_all' (a plain unrolled loop) for forward mode."
-)
-
-
 def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
-    if any(_tracked(t) for t in (*c1, *y0)):
+    if any(_tracked(t) or _forward.has_tangent(t) for t in (*c1, *y0)):
         raise ValueError(
             "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
-            "or an enclosing torch.func transform tracks it): its gradient through a checkpointed "
-            "scan would be lost. Pass it explicitly, as `consts=` (f(carry, x, consts)) or as part "
-            "of the carry, or use checkpoint='store_all'."
+            "or an enclosing torch.func transform tracks it, in reverse or forward mode): its "
+            "derivative through a checkpointed scan would be lost. Pass it explicitly, as "
+            "`consts=` (f(carry, x, consts)) or as part of the carry, or use "
+            "checkpoint='store_all'."
         )
 
 
 def _checkpointed(
     call: _Call, policy: Policy, init: Leaves, xs: Leaves, consts: Leaves
 ) -> tuple[Any, Any]:
-    if any(i.key() == TransformType.Jvp for i in get_interpreter_stack() or ()):
-        raise NotImplementedError(_NO_FORWARD_MODE)
+    _forward.refuse_plain_duals([*init, *xs, *consts])
     devices = cuda_devices([*init, *xs, *consts])
     rng0 = RngState.capture(devices)
     # Step 0 runs here, at the caller's level, on untracked aliases of the inputs: it validates
@@ -455,6 +455,7 @@ def _checkpointed(
     _count("forward_evaluations")
     plan = policy.plan(call.length, sum(_nbytes(t) for t in c1))  # c1: vmap batches included
     static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, devices)
+    static.policy = policy
     out = _ScanFunction.apply(static, *init, *xs, *consts, *c1, *y0)
     carry = unflatten(call.init_spec, out[: call.n_init])
     ys = unflatten(y_spec, out[call.n_init : call.n_init + len(y0)])
@@ -478,6 +479,7 @@ class _Static:
     # filled by forward: where each stored carry leaf lives ("in", i) or ("out", i)
     refs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     rng: dict[int, RngState] = field(default_factory=dict)
+    policy: Policy | None = None  # for the forward-mode rule's own scan (fmaml._forward)
 
     @property
     def n_y(self) -> int:
@@ -549,7 +551,12 @@ class _ScanFunction(torch.autograd.Function):
         ctx.static = static
         ctx.slots = {("in", i): k for k, i in enumerate(ins)}
         ctx.slots.update({("out", i): len(ins) + k for k, i in enumerate(outs)})
-        ctx.save_for_backward(*(flat[i] for i in ins), *(output[i] for i in outs))
+        saved = (*(flat[i] for i in ins), *(output[i] for i in outs))
+        ctx.save_for_backward(*saved)
+        if _forward.forward_mode():
+            # the same tensors: under vmap both calls share one record of batch dimensions
+            ctx.save_for_forward(*saved)
+        ctx.n_outputs = len(output)
         n_main = static.call.n_init + static.n_y
         extra = output[n_main:]
         ints = [t for t in output[:n_main] if not _differentiable(t)]
@@ -570,14 +577,18 @@ class _ScanFunction(torch.autograd.Function):
         _, need_xs, need_consts = static.split(needs)
         args = _Backward(static, init, xs, consts, need_xs, need_consts, ct_carry, ct_ys)
         present = [g for g in grads if g is not None]
+        _forward.refuse_plain_duals([*saved, *present])
         if _needs_graph([*saved, *present]):
             g_init, g_xs, g_consts = args.exact()
         else:
-            stored = {
-                index: [saved[ctx.slots[ref]] for ref in refs]
-                for index, refs in static.refs.items()
-            }
-            with torch.no_grad():
+            with torch.no_grad(), _forward.explain_pytorch_bugs():
+                if _forward.forward_mode():  # forward over reverse: snapshots with tangents
+                    stored = _forward.resweep(static, init, xs, consts)
+                else:
+                    stored = {
+                        index: [saved[ctx.slots[ref]] for ref in refs]
+                        for index, refs in static.refs.items()
+                    }
                 g_init, g_xs, g_consts = args.checkpointed(stored)
             # Anything the current level tracks: a constant cotangent (the gradient of a sum)
             # does not, but the inputs being differentiated always do.
@@ -589,8 +600,15 @@ class _ScanFunction(torch.autograd.Function):
         return (None, *g_init, *g_xs, *g_consts, *([None] * n_rest))
 
     @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise NotImplementedError(_NO_FORWARD_MODE)
+    def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor | None, ...]:
+        """The forward-mode rule: the tangents of the carry and ys (``fmaml._forward``)."""
+        static: _Static = ctx.static
+        saved = ctx.saved_tensors
+        primals = static.split([saved[ctx.slots["in", i]] for i in range(static.n_in)])
+        dots = static.split(tangents[1 : 1 + static.n_in])
+        out = _forward.tangents(static, primals, dots)
+        extra = [saved[ctx.slots["out", i]] for i in range(len(out), ctx.n_outputs)]
+        return (*out, *_forward.extra_tangents(ctx, extra))
 
 
 def _store_refs(
@@ -623,16 +641,16 @@ def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a derivative of the gradient being computed may be taken.
 
     Under plain autograd that is ``create_graph=True`` (grad mode on inside backward). Under
-    ``torch.func`` the innermost Grad level is the one asking; a second Grad/Jvp level above it, or
-    plain autograd tracking the inputs underneath, will differentiate the result again.
+    ``torch.func`` the innermost Grad level is the one asking; a second Grad level outside it, or
+    plain autograd tracking the inputs underneath, will differentiate the result again. A Jvp
+    level needs no graph: it differentiates the checkpointed backward as it runs
+    (``fmaml._forward``: forward over reverse).
     """
     stack = get_interpreter_stack()
-    levels = [
-        coerce_cinterpreter(i)
-        for i in stack or ()
-        if i.key() in (TransformType.Grad, TransformType.Jvp)
-    ]
+    levels = [coerce_cinterpreter(i) for i in stack or () if i.key() == TransformType.Grad]
     if not levels:
+        if any(i.key() == TransformType.Jvp for i in stack or ()):
+            return torch.is_grad_enabled() and any(_base(t).requires_grad for t in tensors)
         return torch.is_grad_enabled()
     # A level outside the innermost records only if grad mode was on when the next level was
     # entered (a scan's own backward enters its vjp levels under no_grad: nested scans stay cheap).
@@ -654,6 +672,10 @@ class _NoGraph(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         pass
+
+    @staticmethod
+    def jvp(ctx: Any, d_value: torch.Tensor | None, d_anchor: Any) -> torch.Tensor | None:
+        return d_value
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
