@@ -149,11 +149,11 @@ def explain_pytorch_bugs() -> Iterator[None]:
 
 
 ZERO_TENSORS = (
-    "fmaml.scan: PyTorch raised 'ZeroTensors are immutable' while forward-mode AD ran through "
-    "the scan's step. That is a PyTorch bug in the forward-mode formula of a double backward, "
-    "not in `f`: F.mse_loss with reduction='mean' (pytorch/pytorch#123996) under jvp/jacfwd of "
-    "a gradient whose step itself takes a gradient (MAML). Write that loss out, e.g. "
-    "((out - y) ** 2).mean()."
+    "fmaml.scan: PyTorch raised 'ZeroTensors are immutable' while forward-mode AD (jvp, jacfwd, "
+    "hessian) ran through the scan's step. That is a PyTorch bug in the forward-mode formula of "
+    "a double backward, not in `f`: F.mse_loss with reduction='mean' (pytorch/pytorch#123996) "
+    "when forward mode differentiates a gradient of it, as in every MAML inner step. Write that "
+    "loss out, e.g. ((out - y) ** 2).mean()."
 )
 
 
