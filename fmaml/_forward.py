@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PLAIN_DUALS",
     "ZERO_TENSORS",
+    "backward_under_forward_mode",
     "explain_pytorch_bugs",
     "extra_tangents",
     "forward_mode",
@@ -92,6 +93,17 @@ def forward_only(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether only forward-mode levels (and ``vmap``) will differentiate a scan of ``tensors``:
     then no backward pass will run, and the scan keeps nothing for one."""
     return forward_mode() and not _reverse_mode(tensors)
+
+
+def backward_under_forward_mode() -> bool:
+    """Whether a scan called here will be reversed under a Jvp level (forward over reverse:
+    ``jvp(grad(f))``, ``hessian(f)``): a Jvp level encloses the innermost Grad level. Its
+    backward then re-takes the snapshots with their tangents, so the forward pass keeps none."""
+    keys = [i.key() for i in get_interpreter_stack() or ()]
+    if TransformType.Grad not in keys:
+        return False
+    innermost = len(keys) - 1 - keys[::-1].index(TransformType.Grad)
+    return TransformType.Jvp in keys[:innermost]
 
 
 def has_tangent(t: torch.Tensor) -> bool:
@@ -347,5 +359,6 @@ def resweep(static: _Static, init: Leaves, xs: Leaves, consts: Leaves) -> dict[i
                 for i in range(action.start, action.stop):
                     current, _ = call.call_step(i, current, xs, consts)
                 _scan._count("recomputations", action.stop - action.start)
+            _scan._peak(stored, current, [*init, *xs, *consts])
     stored[call.length - 1] = current
     return stored

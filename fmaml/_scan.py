@@ -456,6 +456,7 @@ def _checkpointed(
     plan = policy.plan(call.length, sum(_nbytes(t) for t in c1))  # c1: vmap batches included
     static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, devices)
     static.policy = policy
+    static.retake = _forward.backward_under_forward_mode()
     out = _ScanFunction.apply(static, *init, *xs, *consts, *c1, *y0)
     carry = unflatten(call.init_spec, out[: call.n_init])
     ys = unflatten(y_spec, out[call.n_init : call.n_init + len(y0)])
@@ -480,6 +481,7 @@ class _Static:
     refs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     rng: dict[int, RngState] = field(default_factory=dict)
     policy: Policy | None = None  # for the forward-mode rule's own scan (fmaml._forward)
+    retake: bool = False  # the backward re-takes the snapshots, with tangents (fmaml._forward)
 
     @property
     def n_y(self) -> int:
@@ -534,6 +536,8 @@ class _ScanFunction(torch.autograd.Function):
             final, y = call.step(last, current, call.x_at(xs, last), consts)
             ys.append(_y_spec(y, last, static.y_spec)[0])
             _count("forward_evaluations")
+        if static.retake:  # snapshots without tangents would be of no use to that backward
+            stored.clear()
         outputs = [*final, *(torch.stack(col) for col in zip(*ys, strict=True))]
         # A carry leaf that `f` passes through unchanged (a learning rate riding in the carry) is
         # an input; autograd refuses to save an input returned as-is, so return a view of it.
@@ -582,7 +586,7 @@ class _ScanFunction(torch.autograd.Function):
             g_init, g_xs, g_consts = args.exact()
         else:
             with torch.no_grad(), _forward.explain_pytorch_bugs():
-                if _forward.forward_mode():  # forward over reverse: snapshots with tangents
+                if static.retake or _forward.forward_mode():  # snapshots with tangents
                     stored = _forward.resweep(static, init, xs, consts)
                 else:
                     stored = {
