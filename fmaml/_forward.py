@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -220,7 +221,7 @@ def tangents(
     everything = [*init, *xs, *consts, *(d for d in (*d_init, *d_xs, *d_consts) if d is not None)]
     with preserve_rng(static.devices), explain_pytorch_bugs():
         static.rng0.restore()
-        if any(_scan._tracked(t) for t in everything) and static.policy is not None:
+        if any(_scan._tracked(t) for t in everything) and not _scan._nested():
             d_carry, d_ys = _tangent_scan(static, init, xs, consts, d_init, d_xs, d_consts)
         else:
             d_carry, d_ys = _tangent_loop(static, init, xs, consts, d_init, d_xs, d_consts)
@@ -289,8 +290,8 @@ def _tangent_scan(
     d_xs: Leaves,
     d_consts: Leaves,
 ) -> tuple[Leaves, Leaves]:
-    """The tangent recursion as an ``fmaml.scan`` of the step's jvp under the scan's policy, for
-    a reverse-mode level that differentiates the tangents (reverse-over-forward)."""
+    """The tangent recursion as a checkpointed scan of the step's jvp, with the scan's own plan,
+    for a reverse-mode level that differentiates the tangents (reverse-over-forward)."""
     call = static.call
 
     def step(carry: Any, x: Any, k: Any) -> tuple[Any, Any]:
@@ -299,16 +300,25 @@ def _tangent_scan(
         new, d_new, d_y = _step_jvp(call, static.y_float, -1, c, d_c, x_t, d_x, kk, d_k)
         return (new, d_new), d_y
 
-    (_, d_carry), d_ys = _scan.scan(
-        step,
-        (init, d_init),
-        (xs, d_xs) if xs else None,
-        length=call.length,
-        checkpoint=static.policy,
-        consts=(consts, d_consts),
+    pair = _scan._build_call(
+        step, (init, d_init), (xs, d_xs) if xs else None, call.length, (consts, d_consts)
     )
+    (_, d_carry), d_ys = _scan._checkpointed(*pair[:1], _SamePlan(static.plan), *pair[1:])
     _scan._count("tangent_evaluations", call.length)
     return list(d_carry), list(d_ys)
+
+
+@dataclass(frozen=True)
+class _SamePlan:
+    """The policy of the tangent scan: the schedule its scan already runs."""
+
+    schedule: sch.Plan
+
+    def stores_all(self, length: int) -> bool:
+        return False
+
+    def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> sch.Plan:
+        return self.schedule
 
 
 def _stack(per_step: list[Leaves], n: int) -> Leaves:

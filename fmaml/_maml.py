@@ -12,7 +12,7 @@ batch), so its gradient is exact and its memory follows the checkpoint policy, n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -21,7 +21,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fmaml import optim
-from fmaml._autodiff import grad_and_value_any
+from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
+from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._functional import (
     batch_norm_in_plain_ops,
     collect_running_stats,
@@ -29,7 +30,8 @@ from fmaml._functional import (
     running_stats,
 )
 from fmaml._policy import Policy, resolve_policy
-from fmaml._scan import scan
+from fmaml._rng import cuda_devices, preserve_rng
+from fmaml._scan import _tracked, scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, Params, Tasks
 from fmaml.optim import GradientTransformation
@@ -409,53 +411,75 @@ class MAML:
         """
         n_tasks = self._check_tasks(params, tasks, k, per_step, "unrolled_loss")
         self._check_hyper(params, hyper, "unrolled_loss")
-        total, history = None, []
-        for start, stop in self._chunks(n_tasks):
-            chunk = _slice_tasks(tasks, start, stop)
-            losses, hist = self._task_losses(params, chunk, k, per_step, hyper)
-            part = losses.sum()
-            total = part if total is None else total + part
-            history.append(hist)
-        history_t = torch.cat(history)
-        if self.check_finite:
-            _raise_if_not_finite(history_t, None)
-        loss = total / n_tasks
-        if self.check_finite:
-            _raise_if_query_not_finite(loss)
-        return (loss, history_t) if return_history else loss
+        loss, history = self._accumulated(params, tasks, k, hyper, per_step, n_tasks)
+        return (loss, history) if return_history else loss
 
     def meta_grad(
         self, params: Params, tasks: Tasks, k: int, hyper: Any = None, *, per_step: bool = False
     ) -> tuple[torch.Tensor, Any]:
-        """``(meta-loss, meta-gradient)``, accumulated chunk by chunk (task by task with "loop").
+        """``(meta-loss, meta-gradient)``: ``torch.func.grad_and_value(self.unrolled_loss)``.
 
-        Equal to ``torch.func.grad_and_value(self.unrolled_loss)`` but with the memory of one
-        chunk of tasks: each chunk's gradient is computed and added before the next one starts.
-        With ``hyper`` (learned rates) the gradient is the pair ``(params_grad, hyper_grad)``.
+        Like :meth:`unrolled_loss`, it holds one chunk of tasks' graphs at a time (one task with
+        ``batching="loop"``). With ``hyper`` (learned rates) the gradient is the pair
+        ``(params_grad, hyper_grad)``.
         """
         n_tasks = self._check_tasks(params, tasks, k, per_step, "meta_grad")
         self._check_hyper(params, hyper, "meta_grad")
-        total_loss, total_grad = None, None
-        for start, stop in self._chunks(n_tasks):
-            chunk = _slice_tasks(tasks, start, stop)
+        argnums = 0 if hyper is None else (0, 1)
+        grads, (loss, _) = grad_and_value_any(
+            lambda p, h: (self._accumulated(p, tasks, k, h, per_step, n_tasks)[0], None),
+            (params, hyper),
+            argnums,
+            context=tasks,
+        )
+        return loss, grads
 
-            def chunk_loss(
-                p: Params, h: Any, chunk: Tasks = chunk, start: int = start
-            ) -> torch.Tensor:
-                losses, hist = self._task_losses(p, chunk, k, per_step, h)
+    def _accumulated(
+        self, params: Params, tasks: Tasks, k: int, hyper: Any, per_step: bool, n_tasks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta-loss and the ``(T, k)`` inner-loss history, one chunk of tasks at a time:
+        each chunk's gradient is taken and its graph freed before the next chunk starts
+        (:func:`fmaml._accumulate.accumulate`)."""
+        if transforms_active() and eager_gradient_applies():
+            self._check_no_closure(params, tasks, hyper)
+
+        def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+            def run(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
+                losses, history = self._task_losses(p, _slice_tasks(t, start, stop), k, per_step, h)
                 if self.check_finite:
-                    _raise_if_not_finite(hist, start)
-                return losses.sum() / n_tasks
+                    _raise_if_not_finite(history, start)
+                return losses.sum() / n_tasks, history
 
-            argnums = 0 if hyper is None else (0, 1)
-            g, (value, _) = grad_and_value_any(
-                lambda p, h, f=chunk_loss: (f(p, h), None), (params, hyper), argnums, context=chunk
-            )
-            total_loss = value if total_loss is None else total_loss + value
-            total_grad = g if total_grad is None else optree.tree_map(torch.add, total_grad, g)
+            return run
+
+        pieces = [piece(start, stop) for start, stop in self._chunks(n_tasks)]
+        try:
+            loss, history = accumulate(pieces, (params, hyper, tasks), name="MAML")
+        except ClosureError as error:
+            raise ValueError(
+                f"{error} (With `forward=`, read every learned tensor from its `params`.)"
+            ) from None
         if self.check_finite:
-            _raise_if_query_not_finite(total_loss)
-        return total_loss, total_grad
+            _raise_if_query_not_finite(loss)
+        return loss, history
+
+    def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any) -> None:
+        """Under ``torch.func`` transforms: raise if the loss reads a tensor that a transform
+        tracks but that is not an argument (its gradient would be lost below the transform's
+        level, where :func:`accumulate` computes). One query forward of the first task, at the
+        caller's level on untracked copies of the arguments."""
+        with torch.no_grad():
+            plain = {name: p.detach() for name, p in params.items()}
+            query = optree.tree_map(lambda t: t.detach(), _slice_tree(tasks.query, 0, None, True))
+        with preserve_rng(cuda_devices(plain.values())):  # the check draws no random numbers
+            value = self.loss({**plain, **self._initial_stats()}, query)
+        if _tracked(value):
+            raise ValueError(
+                "MAML: the loss reads a tensor that an enclosing torch.func transform "
+                "differentiates but that is not an argument of unrolled_loss (a closure in "
+                "`loss_fn` or `forward`?): its gradient would be lost. Pass it in `params` (or "
+                "`hyper`) instead."
+            )
 
     def reptile_grad(
         self, params: Params, support: Batch, k: int, hyper: Any = None, *, per_step: bool = False

@@ -5,7 +5,7 @@ A policy is a small frozen object; strings are shorthands for them::
     "store_all"  -> StoreAll()            keep every step's graph; no recomputation
     "sqrt"       -> Uniform()             a snapshot every ceil(sqrt(length)) steps
     "binomial"   -> Binomial()            optimal revolve schedule, ceil(log2(length)) snapshots
-    "auto"       -> Auto()                the fastest schedule whose snapshots fit a budget
+    "auto"       -> Auto()                keep every graph if they fit a budget, else checkpoint
 
 Every policy except :class:`StoreAll` turns into a :class:`fmaml._schedule.Plan` once the scan knows
 its length and the size of one carry.
@@ -20,8 +20,8 @@ from fmaml._schedule import Plan, binomial_plan, uniform_plan
 
 __all__ = ["Auto", "Binomial", "Policy", "StoreAll", "Uniform", "resolve_policy"]
 
-#: Snapshot budget of the default policy: 64 MiB of carries.
-DEFAULT_SNAPSHOT_BYTES = 64 * 2**20
+#: Memory budget of the default policy: 64 MiB of graphs and snapshots.
+DEFAULT_BUDGET_BYTES = 64 * 2**20
 
 
 def _check_count(owner: str, name: str, value: object, hint: str) -> None:
@@ -29,6 +29,18 @@ def _check_count(owner: str, name: str, value: object, hint: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: `{name}` must be an int >= 1 or None, got {value!r}. {hint}")
+
+
+def _check_bytes(owner: str, name: str, value: object) -> None:
+    """A byte budget: None, or a finite number >= 1 (``2**30``, ``1e9``)."""
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 1:
+        raise ValueError(
+            f"{owner}: `{name}` must be a number of bytes >= 1 (e.g. 2**30 for 1 GiB) or None for "
+            f"the default, got {value!r}."
+        )
 
 
 def _log2_snapshots(length: int) -> int:
@@ -46,7 +58,7 @@ class StoreAll:
     def stores_all(self, length: int) -> bool:
         return True
 
-    def plan(self, length: int, carry_bytes: int) -> None:
+    def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> None:
         return None
 
 
@@ -73,7 +85,7 @@ class Uniform:
     def stores_all(self, length: int) -> bool:
         return False
 
-    def plan(self, length: int, carry_bytes: int) -> Plan:
+    def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> Plan:
         every = self.every if self.every is not None else max(1, math.isqrt(length - 1) + 1)
         return uniform_plan(length, min(every, max(length, 1)))
 
@@ -102,59 +114,81 @@ class Binomial:
     def stores_all(self, length: int) -> bool:
         return False
 
-    def plan(self, length: int, carry_bytes: int) -> Plan:
+    def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> Plan:
         s = self.snapshots if self.snapshots is not None else _log2_snapshots(length)
         return binomial_plan(length, min(s, max(length, 1)))
 
 
 @dataclass(frozen=True)
 class Auto:
-    """The fastest schedule whose snapshots fit a memory budget (the default policy).
+    """Keep every step's graph when they fit a memory budget; otherwise checkpoint (the default).
 
-    Rule: the scan measures one carry (``carry_bytes``, physical bytes, vmap batches included) and
-    takes ``s = min(length, max_snapshots, max_bytes // carry_bytes)`` snapshots, at least one, then
-    runs the optimal binomial schedule with ``s`` snapshots. With neither bound given, the budget is
-    64 MiB of snapshots, and never fewer than the ``"binomial"`` shorthand's ``ceil(log2(length))``.
+    Rule: the scan measures one step's autograd graph (``graph_bytes``: the tensors it saves for
+    the backward pass, physical bytes, vmap batches included; see ``fmaml._footprint``) and one
+    carry (``carry_bytes``). If ``length * (graph_bytes + carry_bytes) <= budget_bytes`` (each
+    graph holds the carry its step started from), every graph is kept, as :class:`StoreAll`
+    does: no recomputation. Otherwise the backward pass holds one step's graph
+    and ``s = (budget_bytes - graph_bytes) // carry_bytes`` carry snapshots (at least
+    ``ceil(log2(length))`` with the default budget, at least one with an explicit one, at most
+    ``max_snapshots``) and runs the optimal binomial schedule with ``s`` snapshots.
 
-    Why: a snapshot is one carry (for MAML, the parameters), usually tens of times smaller than one
-    step's autograd graph, and every extra snapshot removes recomputation. Spending a modest, fixed
-    budget on snapshots makes short and medium scans nearly as fast as storing every carry (2
-    evaluations per step) while memory stops growing with the length once the budget is full;
-    beyond it the binomial schedule degrades gracefully (about log(length) evaluations per step).
-    Auto keeps no step graphs (:class:`StoreAll`), whose size is unknown before the backward
-    pass, with one exception: the default ``Auto()`` runs a scan of length 1 as a plain loop,
-    since a checkpointed scan would hold that one step's graph in its backward pass anyway.
+    Why: a short unroll's graphs usually fit, and keeping them is the fastest schedule (one
+    evaluation of each step). A snapshot is one carry (for MAML, the parameters), usually tens of
+    times smaller than a step's graph, so beyond the budget every extra snapshot removes
+    recomputation: about 2 evaluations per step while the snapshots cover the length, then
+    ``log(length)`` growth. Memory stops growing with the length once the budget is full.
+
+    Args:
+        budget_bytes: the bytes of graphs and snapshots the scan may hold at once (default
+            64 MiB).
+        max_snapshots: an upper bound on the snapshots; when given, graphs are kept only if
+            ``length <= max_snapshots``.
+
+    Example:
+        >>> fmaml.scan(f, init, xs, checkpoint=fmaml.Auto(budget_bytes=2**30))  # doctest: +SKIP
     """
 
+    budget_bytes: int | None = None
     max_snapshots: int | None = None
-    max_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        hint = "Leave it None for no bound."
-        _check_count("Auto", "max_snapshots", self.max_snapshots, hint)
-        _check_count("Auto", "max_bytes", self.max_bytes, hint)
+        _check_bytes("Auto", "budget_bytes", self.budget_bytes)
+        _check_count("Auto", "max_snapshots", self.max_snapshots, "Leave it None for no bound.")
 
-    def snapshots(self, length: int, carry_bytes: int) -> int:
-        """The number of snapshots this policy spends on a scan of ``length`` steps."""
-        per = max(int(carry_bytes), 1)
-        if self.max_snapshots is None and self.max_bytes is None:
-            budget = max(DEFAULT_SNAPSHOT_BYTES // per, _log2_snapshots(length))
-        else:
-            budget = length
-            if self.max_snapshots is not None:
-                budget = min(budget, self.max_snapshots)
-            if self.max_bytes is not None:
-                budget = min(budget, self.max_bytes // per)
-        return max(1, min(budget, length))
+    @property
+    def budget(self) -> int:
+        """The budget in bytes (the default when ``budget_bytes`` is None)."""
+        return DEFAULT_BUDGET_BYTES if self.budget_bytes is None else int(self.budget_bytes)
+
+    def keeps_graphs(self, length: int, carry_bytes: int, graph_bytes: int | None) -> bool:
+        """Whether a scan of ``length`` steps keeps every step's graph: each holds
+        ``graph_bytes`` and the carry it started from."""
+        if graph_bytes is None:
+            return False
+        if self.max_snapshots is not None and length > self.max_snapshots:
+            return False
+        return length * (graph_bytes + carry_bytes) <= self.budget
+
+    def snapshots(self, length: int, carry_bytes: int, graph_bytes: int | None = 0) -> int:
+        """The number of snapshots this policy spends when it checkpoints ``length`` steps."""
+        free = self.budget - (graph_bytes or 0)
+        count = max(free, 0) // max(int(carry_bytes), 1)
+        if self.budget_bytes is None:
+            count = max(count, _log2_snapshots(length))
+        if self.max_snapshots is not None:
+            count = min(count, self.max_snapshots)
+        return max(1, min(count, length))
 
     def stores_all(self, length: int) -> bool:
-        """Whether the scan runs as a plain loop: only the default ``Auto()`` at length 1."""
-        return length == 1 and self.max_snapshots is None and self.max_bytes is None
+        """Whether a scan keeps every graph before measuring anything: the default ``Auto()``
+        at length 1 (a checkpointed scan would hold that step's graph in its backward anyway)."""
+        return length == 1 and self.max_snapshots is None and self.budget_bytes is None
 
-    def plan(self, length: int, carry_bytes: int) -> Plan | None:
-        if self.stores_all(length):
+    def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> Plan | None:
+        """The checkpointing plan, or None when every graph is kept."""
+        if self.stores_all(length) or self.keeps_graphs(length, carry_bytes, graph_bytes):
             return None
-        return binomial_plan(length, self.snapshots(length, carry_bytes))
+        return binomial_plan(length, self.snapshots(length, carry_bytes, graph_bytes))
 
 
 Policy = StoreAll | Uniform | Binomial | Auto

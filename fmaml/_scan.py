@@ -32,11 +32,12 @@ from torch._functorch.pyfunctorch import coerce_cinterpreter
 from fmaml import _forward
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
-from fmaml._policy import Policy, resolve_policy
+from fmaml._footprint import measured, sampled_graph_bytes
+from fmaml._policy import Auto, Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
 
-__all__ = ["ScanStats", "record_scan", "scan"]
+__all__ = ["ScanChoice", "ScanStats", "record_scan", "scan"]
 
 Leaves = list[Any]
 
@@ -59,7 +60,11 @@ class ScanStats:
             as one) plus the working carry when it is not itself a snapshot.
         max_held_bytes: most bytes of carries the scans held beyond their inputs (snapshots and
             the working carry), physical (vmap batches included).
-        plans: the plans that ran.
+        sample_evaluations: steps evaluated once on a sample to measure their graph
+            (:class:`fmaml.Auto` under ``torch.func`` transforms).
+        plans: the checkpointing plans that ran.
+        scans: one :class:`ScanChoice` per scan: its length, policy, what it measured and the
+            plan it chose (``None`` when it kept every step's graph).
     """
 
     forward_evaluations: int = 0
@@ -68,7 +73,28 @@ class ScanStats:
     tangent_evaluations: int = 0
     max_live_snapshots: int = 0
     max_held_bytes: int = 0
+    sample_evaluations: int = 0
     plans: list[sch.Plan] = field(default_factory=list)
+    scans: list[ScanChoice] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScanChoice:
+    """What one scan decided: ``plan`` is None when it kept every step's graph.
+
+    ``carry_bytes`` and ``graph_bytes`` are physical (vmap batches included); ``graph_bytes`` is
+    the measured graph of one step, or None where the policy did not measure it.
+    """
+
+    length: int
+    policy: Policy
+    plan: sch.Plan | None
+    carry_bytes: int | None
+    graph_bytes: int | None
+
+    @property
+    def keeps_graphs(self) -> bool:
+        return self.plan is None
 
 
 _RECORDERS: list[ScanStats] = []
@@ -90,6 +116,20 @@ def record_scan() -> Iterator[ScanStats]:
     finally:
         # by identity: ScanStats compares by value, and nested recorders are often equal
         del _RECORDERS[next(k for k, s in enumerate(_RECORDERS) if s is stats)]
+
+
+def _choice(
+    call: _Call,
+    policy: Policy,
+    plan: sch.Plan | None,
+    carry: Leaves | None = None,
+    graph_bytes: int | None = None,
+) -> None:
+    if _RECORDERS:
+        carry_bytes = None if carry is None else _carry_bytes(carry)
+        choice = ScanChoice(call.length, policy, plan, carry_bytes, graph_bytes)
+        for stats in _RECORDERS:
+            stats.scans.append(choice)
 
 
 def _count(attr: str, n: int = 1) -> None:
@@ -374,7 +414,11 @@ def scan(
     if _forward.forward_only([*init_leaves, *xs_leaves, *consts_leaves]):
         return _forward.forward_scan(call, init_leaves, xs_leaves, consts_leaves)
     if policy.stores_all(call.length) or _nested():
+        _choice(call, policy, None)
         return _store_all(call, init_leaves, xs_leaves, consts_leaves)
+    _forward.refuse_plain_duals([*init_leaves, *xs_leaves, *consts_leaves])
+    if isinstance(policy, Auto):
+        return _auto(call, policy, init_leaves, xs_leaves, consts_leaves)
     return _checkpointed(call, policy, init_leaves, xs_leaves, consts_leaves)
 
 
@@ -409,11 +453,21 @@ def _empty_scan(call: _Call, init: Any, init_leaves: Leaves, xs: Leaves, consts:
     return init, unflatten(spec, [leaf.new_empty((0, *leaf.shape)) for leaf in leaves])
 
 
-def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
+def _store_all(
+    call: _Call,
+    carry: Leaves,
+    xs: Leaves,
+    consts: Leaves,
+    first: tuple[Leaves, Any] | None = None,
+) -> tuple[Any, Any]:
+    """The plain loop: every step's graph is kept (``first``: step 0's result, already run)."""
     ys: list[Leaves] = []
     spec = None
     for i in range(call.length):
-        new, y = call.step(i, carry, call.x_at(xs, i), consts)
+        if i == 0 and first is not None:
+            new, y = first
+        else:
+            new, y = call.step(i, carry, call.x_at(xs, i), consts)
         if i == 0:
             call.check_carry(carry, new)
         leaves, spec = _y_spec(y, i, spec)
@@ -424,21 +478,101 @@ def _store_all(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[
     return unflatten(call.init_spec, carry), _stack_ys(call, ys, spec)
 
 
+_CLOSURE = (
+    "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
+    "or an enclosing torch.func transform tracks it, in reverse or forward mode): its "
+    "derivative through a checkpointed scan would be lost. Pass it explicitly, as `consts=` "
+    "(f(carry, x, consts)) or as part of the carry, or use checkpoint='store_all'."
+)
+
+
 def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
     if any(_tracked(t) or _forward.has_tangent(t) for t in (*c1, *y0)):
-        raise ValueError(
-            "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
-            "or an enclosing torch.func transform tracks it, in reverse or forward mode): its "
-            "derivative through a checkpointed scan would be lost. Pass it explicitly, as "
-            "`consts=` (f(carry, x, consts)) or as part of the carry, or use "
-            "checkpoint='store_all'."
-        )
+        raise ValueError(_CLOSURE)
+
+
+def _auto(call: _Call, policy: Auto, init: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
+    """:class:`fmaml.Auto`: measure one step's graph; keep every graph if they fit the budget,
+    else checkpoint with the snapshots the rest of the budget buys."""
+    inputs = [*init, *xs, *consts]
+    x0 = call.x_at(xs, 0)
+    if not transforms_active():
+        # Plain autograd: step 0 runs for real, its graph measured on the way. Kept if every
+        # graph fits; otherwise its result, detached, starts the checkpointed scan.
+        devices = cuda_devices(inputs)
+        rng0 = RngState.capture(devices)
+        first, graph = measured(lambda: _replaying(rng0, call.step, 0, init, x0, consts), inputs)
+        call.check_carry(init, first[0])
+        if policy.keeps_graphs(call.length, _carry_bytes(first[0]), graph):
+            _choice(call, policy, None, first[0], graph)
+            return _store_all(call, init, xs, consts, first=first)
+        first = _detached_unless_closure(inputs, first)  # step 0's graph goes
+        return _apply_checkpointed(call, policy, init, xs, consts, first, rng0, graph)
+    # Under torch.func: measure a sample of step 0 (one element of every vmap batch, plain).
+    tracked = [_tracked(t) and _differentiable(t) for t in [*init, *x0, *consts]]
+    n_c, n_x = len(init), len(x0)
+
+    def step0(*leaves: torch.Tensor) -> Any:
+        c, x, k = leaves[:n_c], leaves[n_c : n_c + n_x], leaves[n_c + n_x :]
+        return call.step(0, list(c), list(x), list(k))
+
+    with preserve_rng(cuda_devices(inputs)):
+        graph = sampled_graph_bytes(step0, [*init, *x0, *consts], tracked)
+    _count("sample_evaluations")
+    if policy.keeps_graphs(call.length, _carry_bytes(init), graph):
+        _choice(call, policy, None, init, graph)
+        return _store_all(call, init, xs, consts)
+    return _checkpointed(call, policy, init, xs, consts, graph_bytes=graph)
+
+
+def _carry_bytes(carry: Leaves) -> int:
+    return sum(_nbytes(t) for t in carry if isinstance(t, torch.Tensor))
+
+
+def _replaying(rng: RngState, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` from the random state ``rng`` (a step that may run twice draws the same)."""
+    rng.restore()
+    return fn(*args)
+
+
+def _detached_unless_closure(inputs: Leaves, first: tuple[Leaves, Any]) -> tuple[Leaves, Any]:
+    """Step 0's ``(carry, y)``, detached, after checking that its graph reads only ``inputs``."""
+    c1, y0 = first
+    y_leaves, y_spec = _y_spec(y0, 0, None)
+    if _reads_foreign(inputs, [*c1, *y_leaves]):
+        raise ValueError(_CLOSURE)
+    return [t.detach() for t in c1], unflatten(y_spec, [t.detach() for t in y_leaves])
+
+
+def _reads_foreign(inputs: Leaves, outputs: Leaves) -> bool:
+    """Whether plain autograd's graph of ``outputs`` reaches a tensor that requires grad and is
+    not (derived only from) one of ``inputs``: a closed-over tensor being differentiated."""
+    stops = {(t.grad_fn, t.output_nr) for t in inputs if t.grad_fn is not None}
+    own = {id(t) for t in inputs}
+    todo = [(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None]
+    seen: set = set()
+    while todo:
+        node, _ = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in own:
+            return True
+        for edge in node.next_functions:
+            if edge[0] is not None and edge not in stops:
+                todo.append(edge)
+    return False
 
 
 def _checkpointed(
-    call: _Call, policy: Policy, init: Leaves, xs: Leaves, consts: Leaves
+    call: _Call,
+    policy: Policy,
+    init: Leaves,
+    xs: Leaves,
+    consts: Leaves,
+    graph_bytes: int | None = None,
 ) -> tuple[Any, Any]:
-    _forward.refuse_plain_duals([*init, *xs, *consts])
     devices = cuda_devices([*init, *xs, *consts])
     rng0 = RngState.capture(devices)
     # Step 0 runs here, at the caller's level, on untracked aliases of the inputs: it validates
@@ -450,12 +584,27 @@ def _checkpointed(
         u_consts = [t.detach() for t in consts]
     c1, y0_tree = call.step(0, u_init, u_x0, u_consts)
     call.check_carry(init, c1)
+    _check_no_closure(c1, flatten(y0_tree)[0])
+    return _apply_checkpointed(call, policy, init, xs, consts, (c1, y0_tree), rng0, graph_bytes)
+
+
+def _apply_checkpointed(
+    call: _Call,
+    policy: Policy,
+    init: Leaves,
+    xs: Leaves,
+    consts: Leaves,
+    first: tuple[Leaves, Any],
+    rng0: RngState,
+    graph_bytes: int | None,
+) -> tuple[Any, Any]:
+    """The checkpointed Function, from step 0's untracked result ``first``."""
+    c1, y0_tree = first
     y0, y_spec = _y_spec(y0_tree, 0, None)
-    _check_no_closure(c1, y0)
     _count("forward_evaluations")
-    plan = policy.plan(call.length, sum(_nbytes(t) for t in c1))  # c1: vmap batches included
-    static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, devices)
-    static.policy = policy
+    plan = policy.plan(call.length, _carry_bytes(c1), graph_bytes)  # physical bytes
+    _choice(call, policy, plan, c1, graph_bytes)
+    static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, rng0.devices)
     static.retake = _forward.backward_under_forward_mode()
     out = _ScanFunction.apply(static, *init, *xs, *consts, *c1, *y0)
     carry = unflatten(call.init_spec, out[: call.n_init])
@@ -480,7 +629,6 @@ class _Static:
     # filled by forward: where each stored carry leaf lives ("in", i) or ("out", i)
     refs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     rng: dict[int, RngState] = field(default_factory=dict)
-    policy: Policy | None = None  # for the forward-mode rule's own scan (fmaml._forward)
     retake: bool = False  # the backward re-takes the snapshots, with tangents (fmaml._forward)
 
     @property

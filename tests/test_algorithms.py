@@ -493,7 +493,9 @@ def _nbytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in optree.tree_leaves(tree))
 
 
-@pytest.mark.parametrize("policy", ["sqrt", "binomial", fmaml.Binomial(1), "auto"], ids=policy_id)
+@pytest.mark.parametrize(
+    "policy", ["sqrt", "binomial", fmaml.Binomial(1), fmaml.Auto(max_snapshots=3)], ids=policy_id
+)
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_anil_snapshots_hold_only_the_head(opt, policy):
     """The scan's carry is the head (and its optimizer state), never the body: memory follows

@@ -26,8 +26,10 @@ def _exact(actual, expected):
     assert_trees_close(actual, expected, rtol=0.0, atol=0.0)
 
 
-def _plan_for(policy, length: int, carry_bytes: int) -> sch.Plan | None:
-    return resolve_policy(policy).plan(length, carry_bytes)
+def _plan_for(policy, length: int, carry_bytes: int, stats=None) -> sch.Plan | None:
+    """The plan ``policy`` makes; for Auto, from the step graph the scan measured."""
+    graph = stats.scans[0].graph_bytes if stats is not None else None
+    return resolve_policy(policy).plan(length, carry_bytes, graph)
 
 
 def _backward_order(plan: sch.Plan) -> list[int]:
@@ -231,9 +233,10 @@ def test_exact_evaluation_order_plain_backward(policy, length, gen):
         assert f.calls == list(range(length))  # the forward visits every step once, in order
         f.calls.clear()
         _loss(carry, ys).backward()
-    plan = _plan_for(policy, length, init.numel() * init.element_size())
-    if plan is None:  # the default Auto runs a length-1 scan as a plain loop
-        assert (policy, length, stats.plans, f.calls) == ("auto", 1, [], [])
+    plan = _plan_for(policy, length, init.numel() * init.element_size(), stats)
+    if plan is None:  # Auto keeps the graphs that fit its budget: no recomputation
+        assert isinstance(resolve_policy(policy), fmaml.Auto)
+        assert (stats.plans, f.calls, stats.recomputations) == ([], [], 0)
         return
     assert stats.plans == [plan]
     assert f.calls == _backward_order(plan)
@@ -255,8 +258,11 @@ def test_exact_evaluation_order_under_func_grad(policy, length, gen):
     init = rand(gen, 3)
     with fmaml.record_scan() as stats:
         torch.func.grad(loss)(init)
-    plan = _plan_for(policy, length, 3 * 8)
-    assert f.calls == [*range(length), *_backward_order(plan)]
+    plan = _plan_for(policy, length, 3 * 8, stats)
+    # under torch.func, Auto measures its step graph on a sample of step 0 first
+    sampled = [0] * stats.sample_evaluations
+    assert stats.sample_evaluations == isinstance(resolve_policy(policy), fmaml.Auto)
+    assert f.calls == [*sampled, *range(length), *_backward_order(plan)]
     assert stats.plans == [plan]
     assert stats.recomputations == plan.evaluations - (length - 1)
 
@@ -319,8 +325,8 @@ def test_default_policy_is_auto(gen):
         _loss(*fmaml.scan(f, init, torch.arange(9))).backward()
     with fmaml.record_scan() as auto:
         _loss(*fmaml.scan(f, init, torch.arange(9), checkpoint=fmaml.Auto())).backward()
-    assert default.plans == auto.plans
-    assert len(default.plans) == 1
+    assert default.scans == auto.scans
+    assert default.scans[0].policy == fmaml.Auto() and len(default.scans) == 1
 
 
 def test_policy_shorthands():
@@ -335,7 +341,6 @@ def test_policy_shorthands():
     assert fmaml.Binomial().plan(64, 8) == sch.binomial_plan(64, 6)
     for policy in CHECKPOINTED:
         plan = resolve_policy(policy).plan(1, 8)
-        if policy == "auto":  # the default Auto runs a length-1 scan as a plain loop
-            assert plan is None and resolve_policy(policy).stores_all(1)
-        else:
-            assert plan.length == 1 and not resolve_policy(policy).stores_all(1)
+        assert plan.length == 1 and not resolve_policy(policy).stores_all(1)
+    # the default Auto runs a length-1 scan as a plain loop, before measuring anything
+    assert fmaml.Auto().plan(1, 8) is None and fmaml.Auto().stores_all(1)

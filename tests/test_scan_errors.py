@@ -113,7 +113,12 @@ def test_unknown_policy_string():
         (lambda: fmaml.Binomial(True), r"Binomial: `snapshots` must be an int >= 1"),
         (lambda: fmaml.Uniform(0), r"Uniform: `every` must be an int >= 1 or None, got 0"),
         (lambda: fmaml.Auto(max_snapshots=0), r"Auto: `max_snapshots` must be an int >= 1"),
-        (lambda: fmaml.Auto(max_bytes=0), r"Auto: `max_bytes` must be an int >= 1"),
+        (lambda: fmaml.Auto(budget_bytes=0), r"Auto: `budget_bytes` must be a number of bytes"),
+        (lambda: fmaml.Auto(budget_bytes=-5), r"`budget_bytes` must be .* got -5"),
+        (lambda: fmaml.Auto(budget_bytes=float("nan")), r"`budget_bytes` must be .* got nan"),
+        (lambda: fmaml.Auto(budget_bytes=float("inf")), r"`budget_bytes` .* got inf"),
+        (lambda: fmaml.Auto(budget_bytes="1GB"), r"`budget_bytes` .* got '1GB'"),
+        (lambda: fmaml.Auto(budget_bytes=True), r"`budget_bytes` .* got True"),
     ],
 )
 def test_bad_policy_arguments(make, match):

@@ -23,7 +23,7 @@ from torch.func import grad, jacfwd, jvp, vmap
 
 import fmaml
 from fmaml import _schedule as sch
-from fmaml._policy import DEFAULT_SNAPSHOT_BYTES, resolve_policy
+from fmaml._policy import DEFAULT_BUDGET_BYTES, resolve_policy
 
 
 class _Token:
@@ -177,9 +177,11 @@ CARRY_BYTES = (5 + 4) * 8
 @pytest.mark.parametrize("length", [1, 2, 3, 10, 33])
 def test_snapshot_counts_and_bytes_match_the_plan(policy, length, gen):
     stats = _record(policy, _init(gen), length)
-    expected = resolve_policy(policy).plan(length, CARRY_BYTES)
-    if expected is None:  # the default Auto runs a length-1 scan as a plain loop
-        assert (policy, length, stats.plans, stats.max_live_snapshots) == ("auto", 1, [], 0)
+    (choice,) = stats.scans
+    expected = resolve_policy(policy).plan(length, CARRY_BYTES, choice.graph_bytes)
+    if expected is None:  # Auto keeps the graphs of short scans that fit its budget
+        assert isinstance(resolve_policy(policy), fmaml.Auto)
+        assert (stats.plans, stats.max_live_snapshots, choice.plan) == ([], 0, None)
         return
     (plan,) = stats.plans
     assert plan == expected
@@ -200,46 +202,104 @@ def test_binomial_stays_within_its_snapshots(snapshots, length, gen):
     assert stats.plans[0].snapshots == min(snapshots, length - 1)
 
 
+def _graph_step(c, x):
+    """A step whose graph saves 72 bytes beyond its inputs: sin(w) (5 float64, for the outer sin)
+    and cos(b) (4 float64, for the product); sin and cos save their inputs, which are the carry."""
+    return {"w": torch.sin(torch.sin(c["w"])) + x, "b": torch.cos(c["b"]) * c["b"]}, None
+
+
+GRAPH_BYTES = (5 + 4) * 8
+
+
+def _record_graph(policy, init, length, batched=False, backward=False):
+    def loss(init, xs):
+        carry, _ = fmaml.scan(_graph_step, init, xs, checkpoint=policy)
+        return carry["w"].sum() + carry["b"].sum()
+
+    xs = torch.ones(length, *init["w"].shape[batched:], dtype=F64)
+    with fmaml.record_scan() as stats:
+        if backward:
+            leaves = {n: t.clone().requires_grad_() for n, t in init.items()}
+            loss(leaves, xs).backward()
+        elif batched:
+            vmap(grad(loss), in_dims=(0, None))(init, xs)
+        else:
+            grad(loss)(init, xs)
+    return stats
+
+
+@pytest.mark.parametrize("route", ["grad", "backward", "vmap"])
+def test_auto_measures_one_step_graph(route, gen):
+    """Under plain autograd the step's own graph is measured; under torch.func a sample of it,
+    scaled by the vmap batch."""
+    batch = 4 if route == "vmap" else None
+    stats = _record_graph("auto", _init(gen, batch), 6, batch is not None, route == "backward")
+    (choice,) = stats.scans
+    assert choice.graph_bytes == GRAPH_BYTES * (batch or 1)
+    assert choice.keeps_graphs and choice.plan is None
+    assert stats.plans == [] and stats.recomputations == 0
+    assert stats.graph_evaluations == 6
+
+
+@pytest.mark.parametrize("route", ["grad", "backward"])
+@pytest.mark.parametrize("length", [2, 7, 20])
+def test_auto_keeps_graphs_exactly_while_they_fit(route, length, gen):
+    # every step's graph holds its own saved tensors and the carry it started from
+    need = length * (GRAPH_BYTES + CARRY_BYTES)
+    stats = _record_graph(fmaml.Auto(need), _init(gen), length, backward=route == "backward")
+    assert stats.scans[0].keeps_graphs and stats.recomputations == 0
+    stats = _record_graph(fmaml.Auto(need - 1), _init(gen), length, backward=route == "backward")
+    (choice,) = stats.scans
+    assert not choice.keeps_graphs
+    # the backward holds one step's graph; the rest of the budget buys snapshots
+    snapshots = max(1, (need - 1 - GRAPH_BYTES) // CARRY_BYTES)
+    assert choice.plan == sch.binomial_plan(length, min(snapshots, length))
+    assert stats.max_held_bytes <= need
+
+
 @pytest.mark.parametrize("carries", [0.5, 1, 3, 3.5, 8])
-def test_auto_max_bytes_is_a_budget(carries, gen):
-    budget = int(carries * CARRY_BYTES)
-    stats = _record(fmaml.Auto(max_bytes=budget), _init(gen), 20)
-    assert stats.max_held_bytes <= budget + CARRY_BYTES
+def test_auto_budget_buys_snapshots(carries, gen):
+    budget = int(carries * CARRY_BYTES) + GRAPH_BYTES  # one step graph, then snapshots
+    stats = _record_graph(fmaml.Auto(budget_bytes=budget), _init(gen), 20)
+    assert stats.max_held_bytes <= budget - GRAPH_BYTES + CARRY_BYTES
     assert stats.plans[0].snapshots == max(1, int(carries))
     assert stats.max_live_snapshots == max(1, int(carries)) + 1
 
 
-def test_snapshot_bytes_count_the_vmap_batch(gen):
+def test_auto_budget_counts_the_vmap_batch(gen):
     batch = 4
-    budget = 6 * batch * CARRY_BYTES  # six batched carries
-    stats = _record(fmaml.Auto(max_bytes=budget), _init(gen, batch), 20, batched=True)
+    budget = (6 * CARRY_BYTES + GRAPH_BYTES) * batch  # six batched carries and a batched graph
+    stats = _record_graph(fmaml.Auto(budget_bytes=budget), _init(gen, batch), 20, batched=True)
     (plan,) = stats.plans
     assert plan.snapshots == 6
     assert stats.max_held_bytes == _replay(plan)[1] * batch * CARRY_BYTES
-    assert stats.max_held_bytes <= budget + batch * CARRY_BYTES
 
 
 @pytest.mark.parametrize(
-    ("carry_numel", "length"),
-    [(2**24, 100), (2**24, 1000), (2**17, 100), (2**22, 5), (3, 50)],
+    ("carry_bytes", "graph_bytes", "length"),
+    [
+        (2**27, 0, 100),
+        (2**27, 2**10, 1000),
+        (2**15, 0, 100),
+        (2**15, 2**16, 700),
+        (2**20, 2**20, 100),
+        (2**20, 2**20, 64),
+        (2**25, 2**23, 5),
+        (24, 2**30, 50),
+        (24, 0, 50),
+    ],
 )
-def test_default_auto_snapshots(carry_numel, length):
-    # An expanded tensor reports its logical bytes (numel * 8) without allocating them.
-    big = torch.zeros(1, dtype=F64).expand(carry_numel)
-    carry_bytes = carry_numel * 8
-
-    def step(c, x):
-        return (c[:1] * 0.5).expand(c.shape), None
-
-    with fmaml.record_scan() as stats:
-        fmaml.scan(step, big, length=length)
-    (plan,) = stats.plans
+def test_default_auto_rule(carry_bytes, graph_bytes, length):
+    auto = fmaml.Auto()
+    plan = auto.plan(length, carry_bytes, graph_bytes)
+    if length * (graph_bytes + carry_bytes) <= DEFAULT_BUDGET_BYTES:
+        assert plan is None
+        return
     log2 = math.ceil(math.log2(length))
-    assert plan.snapshots >= min(log2, length - 1)
-    budget = max(DEFAULT_SNAPSHOT_BYTES // carry_bytes, log2)
-    assert plan == sch.binomial_plan(length, min(budget, length))
-    if carry_bytes > DEFAULT_SNAPSHOT_BYTES:
-        assert plan.snapshots == log2  # a huge carry still gets the "binomial" shorthand's count
+    free = max(DEFAULT_BUDGET_BYTES - graph_bytes, 0)
+    snapshots = min(max(free // carry_bytes, log2), length)
+    assert plan == sch.binomial_plan(length, snapshots)
+    assert plan.snapshots >= min(log2, length - 1)  # never fewer than "binomial"
 
 
 @pytest.mark.parametrize("snapshots", [1, 2, 3, 7])
