@@ -169,7 +169,6 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         "workload": "maml",
         "hidden": args.hidden,
         "support": args.support,
-        "rates": args.rates,
         "lr": args.lr,
         "dtype": args.dtype,
         "seed": args.seed,
@@ -178,33 +177,36 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in args.ks:
-            grads: dict[str, Any] = {}
-            for mode in args.modes:
-                if mode == "grad store_all" and k > args.store_all_max_k:
-                    continue
-                path = str(Path(tmp) / f"{k}-{mode}.pt")
-                config = {**base, "k": k, "mode": mode}
-                peak = measure("forward_mode", {**config, "save": path})
-                timed = measure("forward_mode", config, memory=False)
-                grads[mode] = torch.load(path)
-                row = {
-                    "k": k,
-                    "mode": mode,
-                    **peak,
-                    "seconds": timed["seconds"],
-                    "cpu_seconds": timed["cpu_seconds"],
-                }
-                rows.append(row)
-                print(
-                    f"  k={k:<6} {mode:<15} peak {peak['peak_bytes'] / MB:8.1f} MB  "
-                    f"CPU {timed['cpu_seconds']:8.2f} s  wall {timed['seconds']:8.2f} s",
-                    flush=True,
-                )
-            ref = grads.get("grad", next(iter(grads.values())))
-            for row in rows:
-                if row["k"] == k:
+        for rates in args.rates:
+            for k in args.ks:
+                grads: dict[str, Any] = {}
+                group = []
+                for mode in args.modes:
+                    if mode == "grad store_all" and k > args.store_all_max_k:
+                        continue
+                    path = str(Path(tmp) / f"{rates}-{k}-{mode}.pt")
+                    config = {**base, "rates": rates, "k": k, "mode": mode}
+                    peak = measure("forward_mode", {**config, "save": path}, timeout=args.timeout)
+                    timed = measure("forward_mode", config, memory=False, timeout=args.timeout)
+                    grads[mode] = torch.load(path)
+                    row = {
+                        "rates": rates,
+                        "k": k,
+                        "mode": mode,
+                        **peak,
+                        "seconds": timed["seconds"],
+                        "cpu_seconds": timed["cpu_seconds"],
+                    }
+                    group.append(row)
+                    print(
+                        f"  {rates:<12} k={k:<6} {mode:<15} peak {peak['peak_bytes'] / MB:8.1f} MB"
+                        f"  CPU {timed['cpu_seconds']:8.2f} s  wall {timed['seconds']:8.2f} s",
+                        flush=True,
+                    )
+                ref = grads.get("grad", next(iter(grads.values())))
+                for row in group:
                     row["rel_diff"] = _relative(grads[row["mode"]], ref)
+                rows += group
     return rows
 
 
@@ -217,25 +219,33 @@ def _relative(a: Any, b: Any) -> float:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| k | hypergradient | peak MB above baseline | memory vs `grad` | CPU s | CPU vs `grad` "
-        "| wall s | snapshots held | relative difference from `grad` |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rates | k | hypergradient | peak MB above baseline | memory vs `grad` | CPU s "
+        "| CPU vs `grad` | wall s | snapshots held | relative difference from `grad` |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        ref = next(r for r in rows if r["k"] == row["k"] and r["mode"] == "grad")
+        ref = next(
+            r for r in rows if (r["rates"], r["k"], r["mode"]) == (row["rates"], row["k"], "grad")
+        )
         lines.append(
-            f"| {row['k']:,} | `{row['mode']}` | {row['peak_bytes'] / MB:.1f} | "
-            f"{row['peak_bytes'] / ref['peak_bytes']:.2f} | {row['cpu_seconds']:.1f} | "
-            f"{row['cpu_seconds'] / ref['cpu_seconds']:.2f} | {row['seconds']:.1f} | "
-            f"{row['max_live_snapshots']} | {row['rel_diff']:.1e} |"
+            f"| `{row['rates']}` | {row['k']:,} | `{row['mode']}` | "
+            f"{row['peak_bytes'] / MB:.1f} | {row['peak_bytes'] / ref['peak_bytes']:.2f} | "
+            f"{row['cpu_seconds']:.1f} | {row['cpu_seconds'] / ref['cpu_seconds']:.2f} | "
+            f"{row['seconds']:.1f} | {row['max_live_snapshots']} | {row['rel_diff']:.1e} |"
         )
     return "\n".join(lines)
 
 
+RATES = {
+    "per_layer_lr": "`fmaml.optim.per_layer_lr()`, one rate per parameter tensor (6 here)",
+    "scalar_lr": "`fmaml.optim.scalar_lr()`, one rate for all",
+}
+
+
 def document(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -> str:
-    n_rates = {"per_layer_lr": 6, "scalar_lr": 1}.get(args.rates, "?")
     h = args.hidden
     n_params = h * h + 4 * h + 1  # Linear(1, h), Linear(h, h), Linear(h, 1)
+    rates = "; ".join(RATES[r] for r in args.rates)
     return "\n".join(
         [
             "# Forward-mode hypergradients against reverse mode",
@@ -248,9 +258,8 @@ def document(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -
             "",
             f"Workload: one sinusoid regression task, a tanh MLP 1-{h}-{h}-1 ({args.dtype}, "
             f"{n_params:,} parameters), `k` inner SGD steps on {args.support} support points with "
-            f"learned rates `fmaml.optim.{args.rates}()` ({n_rates} rate"
-            f"{'s' if n_rates != 1 else ''}, initial value {args.lr}), and the gradient of the "
-            f"loss on {args.support} query points with respect to the rates (`hyper`). "
+            f"learned rates ({rates}; initial value {args.lr}), and the gradient of the loss on "
+            f"{args.support} query points with respect to the rates (`hyper`). "
             "`jacfwd`: `torch.func.jacfwd(maml.unrolled_loss, argnums=3)`; `grad`: "
             "`torch.func.grad(maml.unrolled_loss, argnums=3)`; `backward`: "
             "`maml.unrolled_loss(...).backward()`; all three with `fmaml.MAML`'s defaults "
@@ -263,20 +272,23 @@ def document(args: argparse.Namespace, rows: list[dict[str, Any]], where: str) -
             table(rows),
             "",
             "- Forward mode carries one tangent per rate beside the parameters and stores "
-            "nothing for the way back: its peak does not grow with `k`, and its time is about "
-            "that of the forward pass times a factor that grows with the number of rates "
-            "(`jacfwd` batches the tangents with `vmap`). Reverse mode pays for one backward "
-            "pass whatever the number of rates, and keeps `auto`'s snapshots (up to 64 MiB) and "
-            "one step's graph; `store_all` keeps every step's graph.",
-            "- Snapshots held: the most carries the scan held at once "
-            "(`fmaml.record_scan().max_live_snapshots`): 0 in forward mode.",
+            "nothing for the way back: its peak does not grow with `k`. Its time is that of the "
+            "unroll times a factor that grows with the number of rates (`jacfwd` batches the "
+            "tangents with `vmap`). Reverse mode pays for one backward pass whatever the number "
+            "of rates, and holds what the default policy keeps (every step's graph while they "
+            "fit its 64 MiB budget, then snapshots and one step's graph); `store_all` keeps "
+            "every step's graph.",
+            "- Snapshots held: the most carries the scans held at once "
+            "(`fmaml.record_scan().max_live_snapshots`), 0 in forward mode and where the "
+            "default policy kept every graph.",
             "- Relative difference: `||g - g_grad|| / ||g_grad||` against `grad` at the same `k` "
-            f"({args.dtype}: the hypergradients agree to the round-off of a {args.dtype} unroll).",
+            f"and rates: the round-off of a {args.dtype} unroll.",
             "- MB are 2^20 bytes. Peak: resident-set high-water mark (`VmHWM`) during one "
             "hypergradient minus `VmRSS` right after resetting it, after a 3-step warm-up, in a "
             "fresh process started with `MALLOC_MMAP_THRESHOLD_=65536` "
             "(`benchmarks/_memory.py`). Time: a second fresh process without that variable, "
-            "one hypergradient; CPU time is the process's (`time.process_time()`).",
+            "one hypergradient; CPU time is the process's (`time.process_time()`), wall time "
+            "on this shared machine varies far more.",
             "",
         ]
     )
@@ -291,7 +303,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--rates", default="per_layer_lr", choices=("per_layer_lr", "scalar_lr"))
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        default=["per_layer_lr", "scalar_lr"],
+        choices=("per_layer_lr", "scalar_lr"),
+    )
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--support", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.01, help="initial rates (default 0.01)")
@@ -299,6 +316,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--store-all-max-k", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {DOC.name}")
     return parser.parse_args(argv)
 
