@@ -13,16 +13,18 @@ Three pieces, one per way a Jvp level meets the scan:
   steps as a loop of dual evaluations. It holds one carry and its tangent, whatever the policy.
 * **The scan's forward-mode rule** (:func:`tangents`, the custom Function's ``jvp``), for when a
   reverse-mode level is also active. It recomputes the primal carry beside the tangent, from the
-  saved inputs. When a reverse level below the Jvp level differentiates the tangents
-  (reverse-over-forward: ``grad(jvp(f))``, ``jacrev(jacfwd(f))``), the tangent recursion is
-  itself an ``fmaml.scan`` of the step's jvp under the same policy, so its reverse pass is
-  checkpointed too.
-* **Forward-over-reverse** (``jvp(grad(f))``, ``hessian(f)``, ``jacfwd(jacrev(f))``): the scan's
+  saved inputs, one step at a time. When a reverse level below the Jvp level differentiates the
+  tangents (reverse over forward: ``grad(jvp(f))``, ``jacrev(jacfwd(f))``), the tangent
+  recursion is itself a checkpointed scan of the step's jvp, with the scan's own plan, so that
+  reverse pass is checkpointed too.
+* **Forward over reverse** (``jvp(grad(f))``, ``hessian(f)``, ``jacfwd(jacrev(f))``): the scan's
   backward pass runs on dual tensors. Its recomputations and per-step ``torch.func.vjp`` are
-  forward-differentiated as they go; only the snapshots, which the forward pass took without
-  tangents, must be retaken: :func:`resweep` runs the plan's forward sweep again from the saved
-  inputs and keeps each snapshot with its tangent. Memory stays the policy's: the snapshots and
-  their tangents, one step's graph and its tangent.
+  forward-differentiated as they go; only the snapshots, which the forward pass takes without
+  tangents, must be re-taken: :func:`resweep` runs the plan's forward sweep again from the saved
+  inputs and keeps each snapshot with its tangent. When the scan sees, as it starts, that its
+  backward will run under a Jvp level (:func:`backward_under_forward_mode`), its forward pass
+  keeps no snapshot at all. Memory stays the policy's: the snapshots and their tangents, one
+  step's graph and its tangents.
 """
 
 from __future__ import annotations
@@ -177,8 +179,7 @@ ZERO_TENSORS = (
 def forward_scan(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tuple[Any, Any]:
     """The scan as a plain loop, for forward mode alone: the enclosing Jvp levels carry each
     step's tangents, and every step's dual tensors die with the step (no snapshot, no graph)."""
-    ys: list[Leaves] = []
-    spec = None
+    ys, spec = _Rows(), None
     with explain_pytorch_bugs():
         for i in range(call.length):
             new, y = call.step(i, carry, call.x_at(xs, i), consts)
@@ -189,7 +190,38 @@ def forward_scan(call: _Call, carry: Leaves, xs: Leaves, consts: Leaves) -> tupl
             ys.append(leaves)
     _scan._count("forward_evaluations", call.length)
     _scan._count("tangent_evaluations", call.length)
-    return _scan.unflatten(call.init_spec, carry), _scan._stack_ys(call, ys, spec)
+    return _scan.unflatten(call.init_spec, carry), _scan.unflatten(spec, ys.stacked())
+
+
+class _Rows:
+    """Per-step outputs (lists of leaves, None for no tangent), stacked along a new dimension 0.
+
+    Stacked every ``chunk`` steps: a long scan's per-step outputs then cost their own bytes,
+    not a Python tensor (and, under transforms, its wrappers) per step and leaf.
+    """
+
+    def __init__(self, chunk: int = 256) -> None:
+        self.chunk = chunk
+        self.done: list[Leaves] = []
+        self.pending: list[Leaves] = []
+
+    def append(self, leaves: Leaves) -> None:
+        self.pending.append(leaves)
+        if len(self.pending) == self.chunk:
+            self.done.append(self._stack(self.pending))
+            self.pending = []
+
+    @staticmethod
+    def _stack(rows: list[Leaves]) -> Leaves:
+        columns = zip(*rows, strict=True)
+        return [None if any(t is None for t in c) else torch.stack(c) for c in columns]
+
+    def stacked(self) -> Leaves:
+        parts = self.done + ([self._stack(self.pending)] if self.pending else [])
+        return [
+            None if any(t is None for t in c) else c[0] if len(c) == 1 else torch.cat(c)
+            for c in zip(*parts, strict=True)
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +240,7 @@ def tangents(
     outputs get None.
 
     Args:
-        static: the scan (its step, plan, policy and random-number states).
+        static: the scan (its step, plan and random-number states).
         primals: ``(init, xs, consts)`` leaves, as the Function saved them.
         dots: their tangents, same layout (None: zero).
     """
@@ -270,7 +302,7 @@ def _tangent_loop(
 ) -> tuple[Leaves, Leaves]:
     """The tangent recursion as a loop: one carry and its tangent alive at a time."""
     call = static.call
-    carry, d_carry, d_ys = init, d_init, []
+    carry, d_carry, d_ys = init, d_init, _Rows()
     for i in range(call.length):
         x, d_x = call.x_at(xs, i), [None if d is None else d[i] for d in d_xs]
         carry, d_carry, d_y = _step_jvp(
@@ -278,7 +310,7 @@ def _tangent_loop(
         )
         d_ys.append(d_y)
     _scan._count("tangent_evaluations", call.length)
-    return d_carry, _stack(d_ys, static.n_y)
+    return d_carry, d_ys.stacked() if static.n_y else []
 
 
 def _tangent_scan(
@@ -300,10 +332,10 @@ def _tangent_scan(
         new, d_new, d_y = _step_jvp(call, static.y_float, -1, c, d_c, x_t, d_x, kk, d_k)
         return (new, d_new), d_y
 
-    pair = _scan._build_call(
+    pair_call, *leaves = _scan._build_call(
         step, (init, d_init), (xs, d_xs) if xs else None, call.length, (consts, d_consts)
     )
-    (_, d_carry), d_ys = _scan._checkpointed(*pair[:1], _SamePlan(static.plan), *pair[1:])
+    (_, d_carry), d_ys = _scan._checkpointed(pair_call, _SamePlan(static.plan), *leaves)
     _scan._count("tangent_evaluations", call.length)
     return list(d_carry), list(d_ys)
 
@@ -319,14 +351,6 @@ class _SamePlan:
 
     def plan(self, length: int, carry_bytes: int, graph_bytes: int | None = None) -> sch.Plan:
         return self.schedule
-
-
-def _stack(per_step: list[Leaves], n: int) -> Leaves:
-    out: Leaves = []
-    for j in range(n):
-        column = [d[j] for d in per_step]
-        out.append(None if any(d is None for d in column) else torch.stack(column))
-    return out
 
 
 def extra_tangents(ctx: Any, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:

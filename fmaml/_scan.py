@@ -10,6 +10,10 @@ When a further derivative will be taken of the gradient (``jacrev(grad(...))``,
 recomputation from the saved inputs with a graph: exact to any order, with the memory of
 ``store_all``. Where no further derivative is expected but the gradient is still recorded (every
 ``torch.func.grad`` records), the gradient carries a guard that raises if it is differentiated.
+
+Forward mode (``fmaml._forward``): alone, the scan is a loop of dual steps; the Function's
+``jvp`` rule carries the tangents step by step; and under a Jvp level the backward runs on dual
+tensors, the snapshots re-taken with their tangents (forward over reverse).
 """
 
 from __future__ import annotations
@@ -398,7 +402,11 @@ def scan(
 
     With ``length`` 0, ``f`` is evaluated once without a graph (on zeros of the ``xs`` slice
     shapes) to learn the structure of ``ys``, which come back with a leading size 0; the carry is
-    ``init`` itself. Forward-mode AD (``jvp``, ``jacfwd``) needs ``checkpoint="store_all"``.
+    ``init`` itself.
+
+    Forward mode works under every policy (``jvp``, ``jacfwd``, ``hessian``, ``jvp(grad(...))``;
+    ``fmaml._forward``): alone it stores nothing, whatever the policy; over a reverse pass it keeps
+    the policy's snapshots, with their tangents.
 
     Random ops in ``f`` replay exactly on recomputation when they draw from the global CPU/CUDA
     generators (dropout, ``torch.rand``): the scan saves and restores their states. A private

@@ -284,6 +284,42 @@ def test_nested_scans(policy, gen):
     )
 
 
+@pytest.mark.parametrize("policy", ["binomial", "auto"], ids=str)
+def test_long_scan_per_step_outputs(policy, gen):
+    """300 steps: the per-step outputs and their tangents are stacked in chunks of 256."""
+    xs, w, a = rand(gen, 300, 2, scale=0.5), rand(gen, 2), torch.tensor(0.9, dtype=F64)
+
+    def run(policy):
+        def fn(w, a):
+            def step(c, x, a):
+                c = torch.tanh(a * c + x)
+                return c, {"sum": c.sum(), "n": (c > 0).sum(), "c": c}
+
+            if policy is None:
+                return reference_scan(step, w, xs, consts=a)
+            return fmaml.scan(step, w, xs, checkpoint=policy, consts=a)
+
+        return fn
+
+    def loss(policy):
+        def fn(w, a):
+            carry, ys = run(policy)(w, a)
+            return (carry**2).sum() + (ys["sum"] * ys["c"][:, 0]).sum()
+
+        return fn
+
+    tangents = (rand(gen, 2), torch.tensor(0.5, dtype=F64))
+    (out, d_out), (ref, d_ref) = (jvp(run(p), (w, a), tangents) for p in (policy, None))
+    assert out[1]["n"].tolist() == ref[1]["n"].tolist()
+    floats = [(t[0], t[1]["sum"], t[1]["c"]) for t in (out, d_out, ref, d_ref)]
+    assert_trees_close(floats[:2], floats[2:], **TOL)
+    assert_trees_close(
+        jvp(grad(loss(policy), argnums=(0, 1)), (w, a), tangents),
+        jvp(grad(loss(None), argnums=(0, 1)), (w, a), tangents),
+        **TOL,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # a learned learning rate: an inner gradient inside the step (MAML)
 
@@ -432,7 +468,7 @@ def test_closure_over_a_forward_mode_input_raises(policy, gen):
 
 
 @given(
-    length=st.integers(0, 40),
+    length=st.integers(0, 24),
     policy=_POLICY,
     structure=_carry_structure(),
     seed=st.integers(0, 2**16),
