@@ -5,19 +5,20 @@ schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and pl
 """
 
 from fmaml import data, optim
-from fmaml._functional import params
+from fmaml._functional import load_params, params
 from fmaml._imaml import IMAMLInfo, imaml_adapt, imaml_grad
 from fmaml._maml import MAML, reptile_direction
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
 from fmaml._scan import ScanStats, record_scan, scan
 from fmaml._schedule import Plan, binomial_cost, binomial_plan, uniform_plan
-from fmaml._typing import Tasks
+from fmaml._typing import MetaAux, Tasks
 
 __all__ = [
     "Auto",
     "Binomial",
     "IMAMLInfo",
     "MAML",
+    "MetaAux",
     "Plan",
     "Policy",
     "ScanStats",
@@ -29,6 +30,7 @@ __all__ = [
     "data",
     "imaml_adapt",
     "imaml_grad",
+    "load_params",
     "optim",
     "params",
     "record_scan",

@@ -26,7 +26,15 @@ from torch._C._functorch import (
 )
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-__all__ = ["SavedBytes", "batch_factor", "measured", "sample", "sampled_graph_bytes"]
+__all__ = [
+    "SavedBytes",
+    "batch_factor",
+    "hooks_allowed",
+    "measured",
+    "plain_autograd",
+    "sample",
+    "sampled_graph_bytes",
+]
 
 
 class SavedBytes:
@@ -41,6 +49,7 @@ class SavedBytes:
     def __init__(self, exclude: Sequence[Any] = ()) -> None:
         self._seen = {_storage(t) for t in exclude if isinstance(t, torch.Tensor)}
         self.bytes = 0
+        self.tensors = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -48,6 +57,7 @@ class SavedBytes:
         if key not in self._seen:
             self._seen.add(key)
             self.bytes += t.untyped_storage().nbytes()
+            self.tensors += 1
         # A detached alias: returning ``t`` itself would tie a saved output to its own node in
         # a reference cycle that nothing collects. Autograd restores what it needs on unpack.
         return t.detach()
@@ -61,10 +71,11 @@ class SavedBytes:
 
 
 def measured(fn: Callable[[], Any], exclude: Sequence[Any]) -> tuple[Any, int | None]:
-    """``(fn(), bytes its graph saved)``; the bytes are None where hooks are refused (``fn`` runs
-    ``torch.func.grad`` itself, say), and ``fn`` then runs again without them."""
+    """``(fn(), bytes its graph saved)``, for plain autograd (no ``torch.func`` level active).
+    The bytes are None where hooks are refused (``fn`` enters ``torch.func.grad`` itself, say),
+    and ``fn`` then runs again without them."""
     try:
-        with SavedBytes(exclude) as saved:
+        with hooks_allowed(), SavedBytes(exclude) as saved:
             return fn(), saved.bytes
     except RuntimeError as error:
         if "saved tensor hooks" not in str(error):
@@ -104,18 +115,24 @@ def batch_factor(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _plain() -> Iterator[None]:
-    """No ``torch.func`` level, and saved-tensor hooks allowed (an enclosing ``torch.func.grad``
-    disables them for its own level, which the block does not touch)."""
+def hooks_allowed() -> Iterator[None]:
+    """Saved-tensor hooks allowed in the block: an enclosing ``torch.func.grad`` disables them
+    for its own level, and the block must not touch that level (plain tensors only)."""
     autograd = torch._C._autograd
     message = autograd._saved_tensors_hooks_get_disabled_error_message()
     autograd._saved_tensors_hooks_enable()
     try:
-        with temporarily_clear_interpreter_stack():
-            yield
+        yield
     finally:
         if message is not None:
             autograd._saved_tensors_hooks_disable(message)
+
+
+@contextlib.contextmanager
+def plain_autograd() -> Iterator[None]:
+    """No ``torch.func`` level in the block, and saved-tensor hooks allowed."""
+    with hooks_allowed(), temporarily_clear_interpreter_stack():
+        yield
 
 
 def sampled_graph_bytes(
@@ -125,7 +142,7 @@ def sampled_graph_bytes(
     batch size: ``fn`` runs once on plain samples, the ``tracked`` ones requiring grad (None
     where the hooks are refused)."""
     factor = max([batch_factor(a) for a in args if isinstance(a, torch.Tensor)] or [1])
-    with _plain(), torch.enable_grad():
+    with plain_autograd(), torch.enable_grad():
         plain = [
             sample(a).requires_grad_() if want else sample(a)
             for a, want in zip(args, tracked, strict=True)

@@ -12,6 +12,7 @@ batch), so its gradient is exact and its memory follows the checkpoint policy, n
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,23 +24,30 @@ from torch.func import functional_call, vmap
 from fmaml import optim
 from fmaml._accumulate import ClosureError, accumulate, eager_gradient_applies
 from fmaml._autodiff import grad_and_value_any, transforms_active
+from fmaml._batching import Batching, TaskFootprint, choose, default_budget
+from fmaml._footprint import SavedBytes, plain_autograd, sample
 from fmaml._functional import (
     batch_norm_in_plain_ops,
+    check_trackable,
+    check_tracked,
     collect_running_stats,
     inner_buffers,
+    module_running_stats,
     running_stats,
+    update_running_stats,
 )
-from fmaml._policy import Policy, resolve_policy
+from fmaml._policy import Auto, Policy, StoreAll, _check_bytes, resolve_policy
 from fmaml._rng import cuda_devices, preserve_rng
-from fmaml._scan import _tracked, scan
+from fmaml._scan import _nbytes, _tracked, record_batching, scan
 from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
-from fmaml._typing import Batch, ForwardFn, LossFn, Params, Tasks
+from fmaml._typing import Batch, ForwardFn, LossFn, MetaAux, MetricsFn, Params, Tasks
 from fmaml.optim import GradientTransformation
 
 __all__ = ["MAML", "reptile_direction"]
 
-_BATCHING = ("vmap", "loop")
+_BATCHING = ("auto", "vmap", "loop")
 _RANDOMNESS = ("error", "different", "same")
+_BN_STATS = ("batch", "carry", "track")
 
 
 class MAML:
@@ -53,6 +61,11 @@ class MAML:
         loss_fn: ``loss_fn(model(x), y) -> scalar`` for batches ``(x, y)``.
         forward: instead of ``loss_fn``, ``forward(params, batch) -> scalar`` for any batch;
             call ``torch.func.functional_call(model, params, ...)`` inside it.
+        metrics: ``metrics(output, target) -> {name: tensor}``, computed on each task's query
+            predictions and targets in the forward pass that computes the meta-loss (no second
+            pass), e.g. ``lambda out, y: {"accuracy": (out.argmax(-1) == y).float().mean()}``;
+            returned by ``unrolled_loss(..., has_aux=True)`` and ``meta_grad(..., has_aux=True)``
+            in ``aux.metrics``, one value per task (detached). Needs ``loss_fn``.
         inner_lr: the inner SGD step size ``α`` (> 0); default 0.4 when ``inner_opt`` is None.
         inner_opt: an inner optimizer from :mod:`fmaml.optim` (``adam``, ``momentum``,
             ``rmsprop``, ``meta_sgd``, ``chain(clip_by_global_norm(1.0), sgd(0.1))``, ...). Its
@@ -74,13 +87,27 @@ class MAML:
             carried statistics and leaves them as they are, as ``torch.nn.BatchNorm`` does.
             :meth:`adapt` returns them beside the parameters, by buffer name.
             The module's own buffers are never touched.
+            ``"track"``: as ``"batch"`` in train mode, and each meta-step (a call of
+            :meth:`unrolled_loss` or :meth:`meta_grad` with the module in train mode) updates the
+            module's running statistics once, by PyTorch's momentum rule, with the mean over tasks
+            of the query passes' batch statistics (at the adapted parameters; the scan's
+            recomputations never count). In eval mode the query-side passes (the query loss,
+            :meth:`predict`, :meth:`loss`) normalise with those running statistics, while the
+            inner loop keeps batch statistics, as in meta-training; so ``model.eval()`` after
+            meta-training predicts each query example on its own.
         max_grad_grad_norm: clip the global norm of the meta-gradient flowing backward into each
             inner step to this value (torch_maml's option of the same name), for very long
             unrolls whose gradients explode. Intentionally inexact when it clips.
-        batching: ``"vmap"`` (default) vectorises over tasks, ``task_chunk`` at a time (all
-            when ``None``); ``"loop"`` runs one task at a time. The results are the same; the
-            speed differs by model and device (on a 2-core CPU a loop beat vmap for conv nets).
-        task_chunk: with ``batching="vmap"``, how many tasks to vectorise at once.
+        batching: ``"auto"`` (default) measures one task once per shape and runs the tasks in
+            a loop on the CPU when their operations are large (a conv net on tens of images),
+            else in one ``vmap`` or in chunks of ``vmap`` that fit ``memory_budget`` (see
+            ``fmaml._batching``; ``fmaml.record_scan()`` reports the choice). ``"vmap"``
+            vectorises over tasks, ``task_chunk`` at a time (all when ``None``); ``"loop"`` runs
+            one task at a time. The results are the same up to float rounding.
+        task_chunk: how many tasks to vectorise at once (implies ``batching="vmap"`` when
+            ``batching`` is ``"auto"``).
+        memory_budget: bytes of graphs and snapshots a chunk of tasks may hold for
+            ``batching="auto"`` (default: 1 GiB on the CPU, half the free memory of a GPU).
         randomness: ``torch.func.vmap``'s ``randomness`` for random ops (dropout) across tasks.
         check_finite: raise ``FloatingPointError`` naming the first task and inner step whose
             loss is NaN or inf (a few reductions; off by default, then free).
@@ -97,6 +124,7 @@ class MAML:
         loss_fn: LossFn | None = None,
         *,
         forward: ForwardFn | None = None,
+        metrics: MetricsFn | None = None,
         inner_lr: float | None = None,
         inner_opt: GradientTransformation | None = None,
         adapt_only: Sequence[str] | None = None,
@@ -104,8 +132,9 @@ class MAML:
         first_order: bool = False,
         max_grad_grad_norm: float | None = None,
         bn_stats: str = "batch",
-        batching: str = "vmap",
+        batching: str = "auto",
         task_chunk: int | None = None,
+        memory_budget: float | None = None,
         randomness: str = "different",
         check_finite: bool = False,
     ) -> None:
@@ -115,6 +144,21 @@ class MAML:
             raise TypeError(
                 "MAML: pass exactly one of `loss_fn` (loss_fn(model(x), y) for batches (x, y)) "
                 "and `forward` (forward(params, batch) -> scalar loss)."
+            )
+        for name, fn, use in (
+            ("loss_fn", loss_fn, "loss_fn(model(x), y) -> scalar, e.g. F.cross_entropy"),
+            ("forward", forward, "forward(params, batch) -> scalar loss"),
+            ("metrics", metrics, "metrics(output, target) -> {name: tensor}"),
+        ):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"MAML: `{name}` must be a function, {use}; got {describe_leaf(fn)}. Pass "
+                    "the function itself (torch.nn.functional.mse_loss, not 'mse')."
+                )
+        if metrics is not None and forward is not None:
+            raise ValueError(
+                "MAML: `metrics` needs `loss_fn` (fmaml then runs the module and sees its "
+                "outputs); with a custom `forward`, compute metrics inside it."
             )
         if inner_lr is not None and inner_opt is not None:
             raise TypeError(
@@ -148,6 +192,9 @@ class MAML:
             isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
         ):
             raise ValueError(f"MAML: `task_chunk` must be an int >= 1 or None, got {task_chunk!r}.")
+        if task_chunk is not None and batching == "auto":
+            batching = "vmap"
+        _check_bytes("MAML", "memory_budget", memory_budget)
         if randomness not in _RANDOMNESS:
             raise ValueError(
                 f"MAML: `randomness` must be one of {_RANDOMNESS}, got {randomness!r}."
@@ -155,15 +202,16 @@ class MAML:
         self.model = model
         self.loss_fn = loss_fn
         self.forward = forward
+        self.metrics = metrics
         self.inner_lr = None if inner_lr is None else float(inner_lr)
         self.inner_opt = inner_opt
         self.max_grad_grad_norm = max_grad_grad_norm
-        if bn_stats not in ("batch", "carry"):
-            raise ValueError(f"MAML: `bn_stats` must be 'batch' or 'carry', got {bn_stats!r}.")
-        if bn_stats == "carry" and forward is not None:
+        if bn_stats not in _BN_STATS:
+            raise ValueError(f"MAML: `bn_stats` must be one of {_BN_STATS}, got {bn_stats!r}.")
+        if bn_stats != "batch" and forward is not None:
             raise ValueError(
-                "MAML: bn_stats='carry' needs `loss_fn` (fmaml runs the module); with a custom "
-                "`forward`, carry the statistics yourself."
+                f"MAML: bn_stats={bn_stats!r} needs `loss_fn` (fmaml runs the module); with a "
+                "custom `forward`, handle the statistics yourself."
             )
         self.bn_stats = bn_stats
         if bn_stats == "carry":
@@ -172,6 +220,8 @@ class MAML:
         self.first_order = bool(first_order)
         self.batching = batching
         self.task_chunk = task_chunk
+        self.memory_budget = memory_budget
+        self._footprints: dict[tuple, TaskFootprint] = {}
         self.randomness = randomness
         self.check_finite = bool(check_finite)
         self._names = [name for name, _ in model.named_parameters()]
@@ -193,26 +243,151 @@ class MAML:
 
         With ``bn_stats="carry"``, ``params`` may also hold BatchNorm running statistics by
         buffer name (as :meth:`adapt` returns them); in eval mode BatchNorm then uses them.
+        With ``bn_stats="track"`` in eval mode, BatchNorm uses the module's running statistics.
         """
-        return self._loss_and_stats(params, batch)[0]
+        if self.bn_stats == "track" and not self.model.training:
+            check_tracked(self.model, "MAML.loss")
+        return self._query(params, batch, extras=False)[0]
+
+    def predict(self, params: Params, x: Any, *, batched: bool = False) -> Any:
+        """The model's outputs on ``x`` at ``params``, under fmaml's BatchNorm convention.
+
+        As the query loss sees them: BatchNorm normalises with the batch statistics of ``x``
+        (``bn_stats="batch"``), with a task's carried statistics in eval mode (``"carry"``:
+        ``params`` as :meth:`adapt` returns them) or with the module's running statistics in
+        eval mode (``"track"``). The module's buffers are never written. Differentiable with
+        respect to ``params``; wrap it in ``torch.no_grad()`` for evaluation.
+
+        Args:
+            params: ``{name: tensor}``, e.g. from :meth:`adapt`. With ``batched=True`` each leaf
+                has a leading task dimension ``T`` (``adapt(..., batched=True)``) or none (the
+                same tensor for every task).
+            x: the model's input for one task, ``(M, ...)``; with ``batched=True``, ``(T, M,
+                ...)``. Tasks are batched as ``batching`` says (``vmap`` or a loop), which also
+                works for BatchNorm networks (a plain ``vmap(functional_call)`` does not).
+
+        Returns:
+            ``model(x)`` at ``params``: ``(M, ...)``, or ``(T, M, ...)`` with ``batched=True``.
+
+        Example:
+            >>> adapted = maml.adapt(params, tasks.support, 5, batched=True)  # doctest: +SKIP
+            >>> logits = maml.predict(adapted, tasks.query[0], batched=True)  # doctest: +SKIP
+            >>> accuracy = (logits.argmax(-1) == tasks.query[1]).float().mean()  # doctest: +SKIP
+        """
+        where = "predict"
+        stats = set(inner_buffers(self.model)) if self.bn_stats == "carry" else set()
+        self._check_params(params, where, batched=batched, allow=stats)
+        _check_batch(x, "x", where, min_dim=2 if batched else 1)
+        if self.bn_stats == "track" and not self.model.training:
+            check_tracked(self.model, f"MAML.{where}")
+        if not batched:
+            return self._run(params, x, query=True)[0]
+        n_tasks = _check_leading(x, None, where, "x")
+        shapes = self._shapes()  # (checked above: each leaf has the model's shape, or a (T, ...))
+        dims = {n: None if p.shape == shapes[n] else 0 for n, p in params.items()}
+        for name, dim in dims.items():
+            if dim == 0 and params[name].shape[0] != n_tasks:
+                raise ValueError(
+                    f"MAML.predict: `params[{name!r}]` has {params[name].shape[0]} tasks "
+                    f"(shape {tuple(params[name].shape)}) but `x` has {n_tasks}; pass the "
+                    "parameters adapted on these tasks."
+                )
+        if n_tasks == 0:
+            raise ValueError("MAML.predict: `x` holds no tasks (batched=True, leading size 0).")
+
+        def one(p: Params, inputs: Any) -> Any:
+            return self._run(p, inputs, query=True)[0]
+
+        first = {n: v[0] if dims[n] == 0 else v for n, v in params.items()}
+        run = self._batching(first, None, x, 0, False, None, n_tasks, inputs_only=True)
+        parts = []
+        for start, stop in run.chunks(n_tasks):
+            p = {n: v[start:stop] if dims[n] == 0 else v for n, v in params.items()}
+            inputs = _slice_tree(x, start, stop)
+            if stop - start == 1:
+                first = {n: v[0] if dims[n] == 0 else v for n, v in p.items()}
+                out = one(first, _slice_tree(inputs, 0, None, index=True))
+                parts.append(optree.tree_map(lambda t: t[None], out))
+            else:
+                parts.append(vmap(one, in_dims=(dims, 0), randomness=self.randomness)(p, inputs))
+        return optree.tree_map(lambda *ts: torch.cat(ts), *parts)
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        """The shapes of the model's parameters and (carry mode) running statistics."""
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        if self.bn_stats == "carry":
+            shapes.update({n: t.shape for n, t in running_stats(self.model).items()})
+        return shapes
+
+    def _run(self, params: Params, x: Any, *, query: bool) -> tuple[Any, Any]:
+        """``model(x)`` at ``params`` under the buffer convention: ``(outputs, collector)``.
+
+        ``collector`` (None when no BatchNorm statistics are read) holds the momentum-updated
+        carried statistics (``bn_stats="carry"``) and the batch statistics of the BatchNorms
+        (``"carry"``; ``"track"`` on a query pass in train mode).
+        """
+        buffers = inner_buffers(self.model)
+        stats = {n: t for n, t in params.items() if n in buffers}
+        weights = {n: t for n, t in params.items() if n not in buffers}
+        if query and self.bn_stats == "track":
+            stats = module_running_stats(self.model)
+        context = collect_running_stats(stats) if stats else batch_norm_in_plain_ops()
+        with context as collector:
+            out = functional_call(self.model, {**weights, **buffers, **stats}, (x,))
+        return out, collector
+
+    def _query(
+        self, params: Params, batch: Batch, extras: bool = True
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A query pass: the loss, and ``{"metrics": ..., "bn": ...}`` from the same pass.
+
+        ``metrics``: what ``metrics`` computes on the outputs; ``bn``: the BatchNorms' batch
+        statistics, for ``bn_stats="track"`` in train mode. Both detached.
+        """
+        if self.forward is not None:
+            return self._scalar(self.forward(params, batch)), {}
+        x, y = batch
+        out, collector = self._run(params, x, query=True)
+        value = self._scalar(self.loss_fn(out, y))
+        found: dict[str, Any] = {}
+        if extras and self.metrics is not None:
+            found["metrics"] = self._metrics(out, y)
+        if extras and self.bn_stats == "track" and collector is not None and collector.batch:
+            found["bn"] = dict(collector.batch)
+        return value, found
+
+    def _metrics(self, out: Any, y: Any) -> dict[str, torch.Tensor]:
+        detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        values = self.metrics(optree.tree_map(detach, out), y)
+        if not isinstance(values, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in values.items()
+        ):
+            shown = (
+                {k: describe_leaf(v) for k, v in values.items()}
+                if isinstance(values, dict)
+                else describe_leaf(values)
+            )
+            raise TypeError(
+                f"MAML: `metrics` must return a dict {{name: tensor}}, e.g. {{'accuracy': "
+                f"(out.argmax(-1) == y).float().mean()}}, got {shown}."
+            )
+        return {k: v.detach() for k, v in values.items()}
 
     def _loss_and_stats(
         self, params: Params, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss, and the running statistics updated by this forward pass (carry mode)."""
+        """An inner pass: the loss, and the running statistics it updated (carry mode)."""
         updated: dict[str, torch.Tensor] = {}
         if self.forward is not None:
             value = self.forward(params, batch)
         else:
             x, y = batch
-            buffers = inner_buffers(self.model)
-            stats = {n: t for n, t in params.items() if n in buffers}
-            weights = {n: t for n, t in params.items() if n not in buffers}
-            context = collect_running_stats(stats) if stats else batch_norm_in_plain_ops()
-            with context as collected:
-                out = functional_call(self.model, {**weights, **buffers, **stats}, (x,))
-            updated = collected or {}
+            out, collector = self._run(params, x, query=False)
+            updated = collector.updated if collector is not None else {}
             value = self.loss_fn(out, y)
+        return self._scalar(value), updated
+
+    def _scalar(self, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             what = describe_leaf(value)
             raise ValueError(
@@ -220,7 +395,7 @@ class MAML:
                 f"`{'forward' if self.forward else 'loss_fn'}` returned {what}. Reduce it "
                 "(e.g. reduction='mean')."
             )
-        return value, updated
+        return value
 
     def inner_step(self, params: Params, batch: Batch, hyper: Any = None) -> Params:
         """One inner step, ``θ - α ∇L(θ; batch)`` for SGD; pure (returns new tensors).
@@ -265,9 +440,16 @@ class MAML:
         return (optim.apply_updates(adapted, updates), state, stats), value.detach()
 
     def _adapt_one(
-        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
+        self,
+        params: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy | None = None,
     ) -> tuple[Params, torch.Tensor]:
         """``k`` inner steps on one task; returns the adapted params and the (k,) loss history."""
+        policy = self.checkpoint if policy is None else policy
         adapted, frozen = self._split(params)
         if self.first_order:
             # First-order MAML: θ_k = θ + Δ with Δ constant in θ, so the inner loop needs no
@@ -281,14 +463,10 @@ class MAML:
                         plain, support, k, per_step, None, rest, "store_all"
                     )
             else:
-                new, history, stats = self._unroll(
-                    plain, support, k, per_step, hyper, rest, self.checkpoint
-                )
+                new, history, stats = self._unroll(plain, support, k, per_step, hyper, rest, policy)
             new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
         else:
-            new, history, stats = self._unroll(
-                adapted, support, k, per_step, hyper, frozen, self.checkpoint
-            )
+            new, history, stats = self._unroll(adapted, support, k, per_step, hyper, frozen, policy)
         return {**{name: new.get(name, frozen.get(name)) for name in params}, **stats}, history
 
     def _unroll(
@@ -349,9 +527,16 @@ class MAML:
             The adapted parameters (and the loss history). Differentiable with respect to
             ``params`` through the checkpointed scan.
         """
+        if isinstance(support, Tasks):
+            raise TypeError(
+                "MAML.adapt: `support` is an fmaml.Tasks (support and query); adapt takes the "
+                "support batch only: maml.adapt(params, tasks.support, k, batched=True) for a "
+                "batch of tasks (then maml.predict(adapted, tasks.query[0], batched=True))."
+            )
         self._check_params(params, "adapt")
         self._check_k(k, "adapt")
         self._check_hyper(params, hyper, "adapt")
+        self._check_pair(support, "support", "adapt")
         task_dim = 1 if batched else 0
         leaves = _check_batch(
             support, "support", "adapt", min_dim=task_dim + (2 if per_step else 1)
@@ -365,9 +550,12 @@ class MAML:
                     "MAML.adapt: `support` holds no tasks (batched=True, but its leaves have a "
                     "leading size 0); pass at least one task."
                 )
+            run = self._batching(params, support, None, k, per_step, hyper, n_tasks)
             parts = [
-                self._adapt_tasks(params, _slice_tree(support, start, stop), k, per_step, hyper)
-                for start, stop in self._chunks(n_tasks)
+                self._adapt_tasks(
+                    params, _slice_tree(support, start, stop), k, per_step, hyper, run
+                )
+                for start, stop in run.chunks(n_tasks)
             ]
             adapted = {name: torch.cat([a[name] for a, _ in parts]) for name in parts[0][0]}
             history = torch.cat([h for _, h in parts])
@@ -385,8 +573,9 @@ class MAML:
         hyper: Any = None,
         *,
         per_step: bool = False,
+        has_aux: bool = False,
         return_history: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The MAML meta-loss: the mean over tasks of the query loss after ``k`` inner steps.
 
         ``mean_t L(θ_k^t; query_t)`` with ``θ_{i+1}^t = θ_i^t - α ∇L(θ_i^t; support_t)``,
@@ -402,66 +591,117 @@ class MAML:
             hyper: learned hyperparameters of ``inner_opt`` (``inner_opt.init_hyper(params,
                 0.01)`` for ``fmaml.optim.meta_sgd()``), a meta-parameter: differentiate with
                 ``grad(maml.unrolled_loss, argnums=(0, 3))(params, tasks, k, hyper)``.
-            return_history: also return the inner losses ``(T, k)`` (before each step), as
-                ``(loss, history)`` (use ``grad(..., has_aux=True)``).
+            has_aux: return ``(loss, aux)``, ``aux`` a :class:`fmaml.MetaAux` of what the same
+                forward pass saw: the per-task query losses ``(T,)``, the inner losses ``(T, k)``
+                and the ``metrics`` of the query predictions. Use
+                ``torch.func.grad(maml.unrolled_loss, has_aux=True)(..., has_aux=True)`` for the
+                meta-gradient and the metrics together; ``loss.backward()`` works as without it.
+            return_history: deprecated: ``(loss, history)``, ``history`` the inner losses
+                ``(T, k)``, which is ``aux.inner_losses`` of ``has_aux=True``.
 
         Example:
             >>> loss = maml.unrolled_loss(params, tasks, 5)  # doctest: +SKIP
             >>> meta_grads = torch.func.grad(maml.unrolled_loss)(params, tasks, 5)  # doctest: +SKIP
+            >>> g, aux = torch.func.grad(maml.unrolled_loss, has_aux=True)(  # doctest: +SKIP
+            ...     params, tasks, 5, has_aux=True)
         """
-        n_tasks = self._check_tasks(params, tasks, k, per_step, "unrolled_loss")
-        self._check_hyper(params, hyper, "unrolled_loss")
-        loss, history = self._accumulated(params, tasks, k, hyper, per_step, n_tasks)
-        return (loss, history) if return_history else loss
+        where = "unrolled_loss"
+        if return_history:
+            if has_aux:
+                raise TypeError(
+                    "MAML.unrolled_loss: pass `has_aux=True` alone; `return_history` is "
+                    "deprecated (its history is aux.inner_losses)."
+                )
+            warnings.warn(
+                "MAML.unrolled_loss: `return_history=True` is deprecated; use has_aux=True, "
+                "which returns (loss, aux) with the same history as aux.inner_losses (T, k).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        n_tasks = self._check_tasks(params, tasks, k, per_step, where)
+        self._check_hyper(params, hyper, where)
+        loss, aux = self._accumulated(params, tasks, k, hyper, per_step, n_tasks, where)
+        loss = _explain_backward(loss, where)
+        if return_history:
+            return loss, aux.inner_losses
+        return (loss, aux) if has_aux else loss
 
     def meta_grad(
-        self, params: Params, tasks: Tasks, k: int, hyper: Any = None, *, per_step: bool = False
-    ) -> tuple[torch.Tensor, Any]:
+        self,
+        params: Params,
+        tasks: Tasks,
+        k: int,
+        hyper: Any = None,
+        *,
+        per_step: bool = False,
+        has_aux: bool = False,
+    ) -> tuple[Any, Any]:
         """``(meta-loss, meta-gradient)``: ``torch.func.grad_and_value(self.unrolled_loss)``.
 
         Like :meth:`unrolled_loss`, it holds one chunk of tasks' graphs at a time (one task with
         ``batching="loop"``). With ``hyper`` (learned rates) the gradient is the pair
-        ``(params_grad, hyper_grad)``.
+        ``(params_grad, hyper_grad)``. With ``has_aux=True``, ``((meta-loss, aux),
+        meta-gradient)`` (``jax.value_and_grad``'s layout), ``aux`` the :class:`fmaml.MetaAux`
+        of :meth:`unrolled_loss`.
+
+        Example:
+            >>> (loss, aux), g = maml.meta_grad(params, tasks, 5, has_aux=True)  # doctest: +SKIP
         """
-        n_tasks = self._check_tasks(params, tasks, k, per_step, "meta_grad")
-        self._check_hyper(params, hyper, "meta_grad")
+        where = "meta_grad"
+        n_tasks = self._check_tasks(params, tasks, k, per_step, where)
+        self._check_hyper(params, hyper, where)
         argnums = 0 if hyper is None else (0, 1)
-        grads, (loss, _) = grad_and_value_any(
-            lambda p, h: (self._accumulated(p, tasks, k, h, per_step, n_tasks)[0], None),
+        grads, (loss, aux) = grad_and_value_any(
+            lambda p, h: self._accumulated(p, tasks, k, h, per_step, n_tasks, where),
             (params, hyper),
             argnums,
             context=tasks,
         )
-        return loss, grads
+        return ((loss, aux), grads) if has_aux else (loss, grads)
 
     def _accumulated(
-        self, params: Params, tasks: Tasks, k: int, hyper: Any, per_step: bool, n_tasks: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The meta-loss and the ``(T, k)`` inner-loss history, one chunk of tasks at a time:
-        each chunk's gradient is taken and its graph freed before the next chunk starts
-        (:func:`fmaml._accumulate.accumulate`)."""
+        self,
+        params: Params,
+        tasks: Tasks,
+        k: int,
+        hyper: Any,
+        per_step: bool,
+        n_tasks: int,
+        where: str,
+    ) -> tuple[torch.Tensor, MetaAux]:
+        """The meta-loss and its :class:`MetaAux`, one chunk of tasks at a time: each chunk's
+        gradient is taken and its graph freed before the next chunk starts
+        (:func:`fmaml._accumulate.accumulate`). With ``bn_stats="track"`` in train mode, the
+        module's running statistics take this meta-step's one update here, from the query
+        passes of the forward pass (a recomputation in a backward pass returns no aux)."""
         if transforms_active() and eager_gradient_applies():
             self._check_no_closure(params, tasks, hyper)
 
-        def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-            def run(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, torch.Tensor]:
-                losses, history = self._task_losses(p, _slice_tasks(t, start, stop), k, per_step, h)
+        run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+
+        def piece(start: int, stop: int) -> Callable[..., tuple[torch.Tensor, Any]]:
+            def chunk_loss(p: Params, h: Any, t: Tasks) -> tuple[torch.Tensor, Any]:
+                chunk = _slice_tasks(t, start, stop)
+                losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
                 if self.check_finite:
                     _raise_if_not_finite(history, start)
-                return losses.sum() / n_tasks, history
+                return losses.sum() / n_tasks, (losses.detach(), history, extras)
 
-            return run
+            return chunk_loss
 
-        pieces = [piece(start, stop) for start, stop in self._chunks(n_tasks)]
+        pieces = [piece(start, stop) for start, stop in run.chunks(n_tasks)]
         try:
-            loss, history = accumulate(pieces, (params, hyper, tasks), name="MAML")
+            loss, (query_losses, history, extras) = accumulate(
+                pieces, (params, hyper, tasks), name="MAML"
+            )
         except ClosureError as error:
             raise ValueError(
                 f"{error} (With `forward=`, read every learned tensor from its `params`.)"
             ) from None
         if self.check_finite:
             _raise_if_query_not_finite(loss)
-        return loss, history
+        self._track(extras, where)
+        return loss, _meta_aux(query_losses, history, extras)
 
     def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any) -> None:
         """Under ``torch.func`` transforms: raise if the loss reads a tensor that a transform
@@ -480,6 +720,11 @@ class MAML:
                 "`loss_fn` or `forward`?): its gradient would be lost. Pass it in `params` (or "
                 "`hyper`) instead."
             )
+
+    def _track(self, extras: dict[str, Any], where: str) -> None:
+        """``bn_stats="track"``: this meta-step's one update of the module's running statistics."""
+        if self.bn_stats == "track" and self.model.training:
+            update_running_stats(self.model, extras.get("bn", {}), f"MAML.{where}")
 
     def reptile_grad(
         self, params: Params, support: Batch, k: int, hyper: Any = None, *, per_step: bool = False
@@ -502,34 +747,133 @@ class MAML:
     # ---------------------------------------------------------------------------------------
     # internals
 
-    def _chunks(self, n_tasks: int) -> list[tuple[int, int]]:
-        size = 1 if self.batching == "loop" else (self.task_chunk or n_tasks)
-        return [(s, min(s + size, n_tasks)) for s in range(0, n_tasks, size)]
+    def _batching(
+        self,
+        params: Params,
+        support: Batch | None,
+        query: Batch | None,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        n_tasks: int,
+        *,
+        inputs_only: bool = False,
+    ) -> Batching:
+        """How this call runs its tasks (``batching``; the rule of ``fmaml._batching``).
+        ``inputs_only``: ``query`` holds the model's inputs alone (:meth:`predict`)."""
+        if self.batching == "loop":
+            run = Batching("loop", None, "batching='loop'")
+        elif self.batching == "vmap":
+            run = Batching("vmap", self.task_chunk, "batching='vmap'")
+        else:
+            footprint = self._footprint(params, support, query, per_step, hyper, inputs_only)
+            device = next(iter(params.values())).device
+            budget = int(self.memory_budget or default_budget(device))
+            run = choose(footprint, n_tasks, k, device, budget, self._checkpoint_budget(k))
+        record_batching(run)
+        return run
+
+    def _checkpoint_budget(self, k: int) -> float:
+        """The most one task's inner loop holds under ``checkpoint`` (for ``batching="auto"``)."""
+        if isinstance(self.checkpoint, Auto):
+            return self.checkpoint.budget
+        return math.inf if isinstance(self.checkpoint, StoreAll) else 0
+
+    def _footprint(
+        self,
+        params: Params,
+        support: Batch | None,
+        query: Batch | None,
+        per_step: bool,
+        hyper: Any,
+        inputs_only: bool = False,
+    ) -> TaskFootprint:
+        """One task's step and query graphs, measured once per shape on plain samples (no step
+        without ``support``, no query pass without ``query``)."""
+        support0 = None if support is None else _slice_tree(support, 0, None, index=True)
+        if per_step:
+            support0 = _slice_tree(support0, 0, None, index=True)
+        query0 = None if query is None else _slice_tree(query, 0, None, index=True)
+        key = (inputs_only, *_shape_key((params, support0, query0, hyper)))
+        if key not in self._footprints:
+            self._footprints[key] = self._measure(params, support0, query0, hyper, inputs_only)
+        return self._footprints[key]
+
+    def _measure(
+        self,
+        params: Params,
+        support0: Batch | None,
+        query0: Batch | None,
+        hyper: Any,
+        inputs_only: bool,
+    ) -> TaskFootprint:
+        devices = cuda_devices(params.values())
+        with preserve_rng(devices), plain_autograd(), torch.enable_grad():
+            p = {n: sample(t).requires_grad_() for n, t in params.items()}
+            h = optree.tree_map(_sample_tracked, hyper, none_is_leaf=False)
+            mine = [*p.values(), *flatten(h)[0]]
+            step = SavedBytes(mine)
+            if support0 is not None:
+                with step:
+                    self.inner_step(p, optree.tree_map(sample, support0), h)
+            query = SavedBytes(mine)
+            if query0 is not None:
+                with query:
+                    q = optree.tree_map(sample, query0)
+                    self._run(p, q, query=True) if inputs_only else self.loss(p, q)
+        adapted, _ = self._split(p)
+        carry = flatten((adapted, self.inner_opt.init(adapted), self._initial_stats()))[0]
+        return TaskFootprint(
+            step_bytes=step.bytes,
+            query_bytes=query.bytes,
+            carry_bytes=sum(_nbytes(t) for t in carry if isinstance(t, torch.Tensor)),
+            param_bytes=sum(_nbytes(t) for t in p.values()),
+            tensors=step.tensors + query.tensors + len(p),
+        )
+
+    def _chunk_policy(self, run: Batching, size: int) -> Policy:
+        """The checkpoint policy of a chunk of ``size`` tasks: the default ``"auto"`` budget is
+        per task, so a ``vmap`` of ``size`` tasks gets ``size`` times it."""
+        if run.mode == "vmap" and size > 1 and self.checkpoint == Auto():
+            return Auto(budget_bytes=size * Auto().budget)
+        return self.checkpoint
 
     def _task_losses(
-        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._task_loss(params, support, query, k, per_step, hyper)
+        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Each task's query loss ``(T,)``, inner losses ``(T, k)`` and query-pass extras."""
+        n = _n_tasks(tasks.support)
+        policy = self._chunk_policy(run, n)
 
-        if self.batching == "loop" or _n_tasks(tasks.support) == 1:
+        def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            return self._task_loss(params, support, query, k, per_step, hyper, policy)
+
+        if run.mode == "loop" or n == 1:
             # a chunk of one task needs no vmap (which would turn convolutions with per-task
             # weights into slower grouped convolutions)
-            loss, history = one(*_slice_tasks(tasks, 0, None, index=True))
-            return loss[None], history[None]
+            parts = [one(*_slice_tasks(tasks, t, None, index=True)) for t in range(n)]
+            return optree.tree_map(lambda *ts: torch.stack(ts), *parts)
         if self.max_grad_grad_norm is not None:
-            own = self._per_task_params(params, _n_tasks(tasks.support))
+            own = self._per_task_params(params, n)
             return vmap(
-                lambda a, s, q: self._task_loss({**params, **a}, s, q, k, per_step, hyper),
+                lambda a, s, q: self._task_loss({**params, **a}, s, q, k, per_step, hyper, policy),
                 randomness=self.randomness,
             )(own, tasks.support, tasks.query)
         return vmap(one, randomness=self.randomness)(tasks.support, tasks.query)
 
     def _task_loss(
-        self, params: Params, support: Batch, query: Batch, k: int, per_step: bool, hyper: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        adapted, history = self._adapt_one(params, support, k, per_step, hyper)
-        return self.loss(adapted, query), history
+        self,
+        params: Params,
+        support: Batch,
+        query: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        adapted, history = self._adapt_one(params, support, k, per_step, hyper, policy)
+        loss, extras = self._query(adapted, query)
+        return loss, history, extras
 
     def _per_task_params(self, params: Params, n_tasks: int) -> Params:
         """The adapted parameters with a task dimension (stride-0 views), for a vmap over tasks.
@@ -541,26 +885,29 @@ class MAML:
         return {name: p.expand(n_tasks, *p.shape) for name, p in adapted.items()}
 
     def _adapt_tasks(
-        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any
+        self, params: Params, support: Batch, k: int, per_step: bool, hyper: Any, run: Batching
     ) -> tuple[Params, torch.Tensor]:
-        """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``batching`` says."""
-        if self.batching == "loop":
+        """``_adapt_one`` over a chunk of tasks (leading ``T``), batched as ``run`` says."""
+        n = _n_tasks(support)
+        policy = self._chunk_policy(run, n)
+        if run.mode == "loop":
             parts = [
                 self._adapt_one(
-                    params, _slice_tree(support, t, None, index=True), k, per_step, hyper
+                    params, _slice_tree(support, t, None, index=True), k, per_step, hyper, policy
                 )
-                for t in range(flatten(support)[0][0].shape[0])
+                for t in range(n)
             ]
             adapted = {name: torch.stack([a[name] for a, _ in parts]) for name in parts[0][0]}
             return adapted, torch.stack([h for _, h in parts])
         if self.max_grad_grad_norm is not None:  # see _per_task_params
-            own = self._per_task_params(params, _n_tasks(support))
+            own = self._per_task_params(params, n)
             return vmap(
-                lambda a, s: self._adapt_one({**params, **a}, s, k, per_step, hyper),
+                lambda a, s: self._adapt_one({**params, **a}, s, k, per_step, hyper, policy),
                 randomness=self.randomness,
             )(own, support)
         fn = vmap(
-            lambda s: self._adapt_one(params, s, k, per_step, hyper), randomness=self.randomness
+            lambda s: self._adapt_one(params, s, k, per_step, hyper, policy),
+            randomness=self.randomness,
         )
         return fn(support)
 
@@ -570,26 +917,70 @@ class MAML:
         if k < 0:
             raise ValueError(f"MAML.{where}: `k` must be >= 0 (inner steps), got {k}.")
 
-    def _check_params(self, params: object, where: str) -> None:
+    def _check_params(
+        self, params: object, where: str, *, batched: bool = False, allow: set[str] = frozenset()
+    ) -> None:
+        """Names (with ``loss_fn``, or for ``predict``), floating dtypes and shapes; ``allow``:
+        further names (carried statistics); ``batched``: a leading task dimension is allowed."""
         if not isinstance(params, dict):
             raise TypeError(
                 f"MAML.{where}: `params` must be a dict {{name: tensor}} (fmaml.params(model)), "
                 f"got {type(params).__name__}."
             )
-        if self.forward is None:
+        if self.forward is None or where == "predict":
             missing = [n for n in self._names if n not in params]
-            extra = [n for n in params if n not in self._names]
+            extra = [n for n in params if n not in self._names and n not in allow]
             if missing or extra:
                 raise ValueError(
                     f"MAML.{where}: `params` does not match the model's parameters: "
                     f"missing {missing}, unexpected {extra}. Build it with fmaml.params(model)."
                 )
+        shapes = self._shapes()
         for name, p in params.items():
             if not isinstance(p, torch.Tensor) or not p.is_floating_point():
                 raise TypeError(
                     f"MAML.{where}: parameter {name!r} must be a floating-point tensor, got "
                     f"{describe_leaf(p)}."
                 )
+            want = shapes.get(name)
+            if want is None or p.shape == want or (batched and p.shape[1:] == want):
+                continue
+            expected = f"{tuple(want)}" + (
+                f" or (T, {', '.join(map(str, want))})" if batched else ""
+            )
+            hint = "Build `params` with fmaml.params(model), from the model MAML was given."
+            if p.dim() == len(want) + 1 and p.shape[1:] == want:
+                hint = (
+                    "It has a leading task dimension (adapt(..., batched=True)): pick one task, "
+                    "{n: p[t] for n, p in adapted.items()}"
+                    + (", or pass batched=True." if where == "predict" else ".")
+                )
+            raise ValueError(
+                f"MAML.{where}: parameter {name!r} has shape {tuple(p.shape)}, but the model's "
+                f"{name!r} has shape {expected}. {hint}"
+            )
+
+    def _check_pair(self, batch: object, name: str, where: str) -> None:
+        """With ``loss_fn``, a batch is an ``(inputs, targets)`` pair (``loss_fn(model(x), y)``)."""
+        if self.forward is not None:
+            return
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            return
+        if isinstance(batch, torch.Tensor):
+            got = f"a tensor {describe_leaf(batch)}"
+        elif isinstance(batch, tuple | list):
+            got = f"a {type(batch).__name__} of {len(batch)}"
+        else:
+            got = describe_leaf(batch)
+        example = (
+            "fmaml.Tasks(support=(xs, ys), query=(xq, yq)) with leaves (T, N, ...)"
+            if name.startswith("tasks.")
+            else "(x, y)"
+        )
+        raise TypeError(
+            f"MAML.{where}: `{name}` must be an (inputs, targets) pair, e.g. {example}; got "
+            f"{got}. For batches of another form pass `forward=fn` to fmaml.MAML."
+        )
 
     def _check_hyper(self, params: Params, hyper: Any, where: str) -> None:
         """Learned rates (an ``inner_opt`` with ``init_hyper``) need ``hyper`` shaped as
@@ -651,7 +1042,14 @@ class MAML:
             )
         sup = _check_batch(tasks.support, "tasks.support", where, min_dim=3 if per_step else 2)
         _check_batch(tasks.query, "tasks.query", where, min_dim=2)
+        self._check_pair(tasks.support, "tasks.support", where)
+        self._check_pair(tasks.query, "tasks.query", where)
         n_tasks = _check_leading(tasks.support, tasks.query, where)
+        if self.bn_stats == "track":
+            if self.model.training:
+                check_trackable(f"MAML.{where}")
+            else:
+                check_tracked(self.model, f"MAML.{where}")
         if n_tasks == 0:
             raise ValueError(
                 f"MAML.{where}: `tasks` holds no tasks (its leaves have a leading size 0); "
@@ -726,6 +1124,49 @@ def _slice_tasks(tasks: Tasks, start: int, stop: int | None, index: bool = False
     )
 
 
+def _meta_aux(query_losses: torch.Tensor, history: torch.Tensor, extras: dict) -> MetaAux:
+    """The :class:`MetaAux` of a meta-step, detached (the scan's per-step outputs are outputs of
+    a differentiable Function, so its history has a ``grad_fn`` under plain autograd)."""
+    return MetaAux(
+        query_losses.detach(),
+        history.detach(),
+        {name: value.detach() for name, value in extras.get("metrics", {}).items()},
+    )
+
+
+class _ParamsDoNotRequireGrad(torch.autograd.Function):
+    """The identity, whose backward explains why the meta-loss has no gradient to give."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, anchor: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(ctx.message)
+
+
+def _explain_backward(loss: torch.Tensor, where: str) -> torch.Tensor:
+    """``loss``, made to explain itself if ``loss.backward()`` is called on it although nothing
+    it depends on requires grad (``params`` from ``fmaml.params(model)``: detached copies).
+
+    Only outside ``torch.func`` transforms with grad mode on, where torch would answer
+    ``loss.backward()`` with "element 0 of tensors does not require grad".
+    """
+    if loss.requires_grad or not torch.is_grad_enabled() or transforms_active():
+        return loss
+    message = (
+        f"MAML.{where}: loss.backward() found no parameter that requires grad. `params` from "
+        "fmaml.params(model) are detached copies, for torch.func.grad(maml.unrolled_loss)"
+        "(params, tasks, k) (then fmaml.load_params(model, params) after training). For "
+        "loss.backward() pass the module's own parameters: "
+        "maml.unrolled_loss(dict(model.named_parameters()), tasks, k)."
+    )
+    anchor = torch.zeros((), device=loss.device, requires_grad=True)
+    return _ParamsDoNotRequireGrad.apply(loss, anchor, message)
+
+
 def _raise_if_query_not_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"MAML: the query loss is {loss.item()} (inner losses finite).")
@@ -741,6 +1182,20 @@ def _raise_if_not_finite(history: torch.Tensor, offset: int | None) -> None:
             f"MAML: the inner loss is {history[tuple(where)].item()} at task {task}, inner step "
             f"{step} (the first non-finite value). Lower `inner_lr` or check the data."
         )
+
+
+def _shape_key(tree: Any) -> tuple:
+    """What a measurement depends on: the structure, shapes, dtypes and devices of ``tree``."""
+    leaves, spec = flatten(tree)
+    return (spec, *((tuple(t.shape), t.dtype, t.device) for t in leaves))
+
+
+def _sample_tracked(t: Any) -> Any:
+    """A plain sample of a hyperparameter, requiring grad where it is differentiable."""
+    out = sample(t)
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        out.requires_grad_()
+    return out
 
 
 def _resolve_subset(adapt_only: Sequence[str] | None, names: list[str]) -> frozenset | None:

@@ -69,6 +69,8 @@ class ScanStats:
         plans: the checkpointing plans that ran.
         scans: one :class:`ScanChoice` per scan: its length, policy, what it measured and the
             plan it chose (``None`` when it kept every step's graph).
+        batching: how each call of a :class:`fmaml.MAML` method ran its tasks (loop, vmap,
+            chunks of vmap; ``fmaml._batching.Batching``), in call order.
     """
 
     forward_evaluations: int = 0
@@ -80,6 +82,7 @@ class ScanStats:
     sample_evaluations: int = 0
     plans: list[sch.Plan] = field(default_factory=list)
     scans: list[ScanChoice] = field(default_factory=list)
+    batching: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,12 @@ def _choice(
         choice = ScanChoice(call.length, policy, plan, carry_bytes, graph_bytes)
         for stats in _RECORDERS:
             stats.scans.append(choice)
+
+
+def record_batching(choice: Any) -> None:
+    """Record how a MAML call batched its tasks (when recording)."""
+    for stats in _RECORDERS:
+        stats.batching.append(choice)
 
 
 def _count(attr: str, n: int = 1) -> None:

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-__all__ = ["Batch", "ForwardFn", "LossFn", "Params", "Tasks"]
+__all__ = ["Batch", "ForwardFn", "LossFn", "MetaAux", "MetricsFn", "Params", "Tasks"]
 
 #: Model parameters by name, as ``dict(model.named_parameters())`` orders them.
 Params = dict[str, torch.Tensor]
@@ -27,6 +27,12 @@ class ForwardFn(Protocol):
     def __call__(self, params: Params, batch: Batch, /) -> torch.Tensor: ...
 
 
+class MetricsFn(Protocol):
+    """``metrics(output, target) -> {name: tensor}``, per task, e.g. the query accuracy."""
+
+    def __call__(self, output: Any, target: Any, /) -> dict[str, torch.Tensor]: ...
+
+
 class Tasks(NamedTuple):
     """A batch of ``T`` tasks: a pytree whose every leaf has a leading task dimension ``T``.
 
@@ -41,3 +47,27 @@ class Tasks(NamedTuple):
 
     support: Batch
     query: Batch
+
+
+class MetaAux(NamedTuple):
+    """What :meth:`fmaml.MAML.unrolled_loss` returns beside the loss with ``has_aux=True``.
+
+    Every field comes from the forward pass that computed the loss (no second pass) and is
+    detached: it is for logging, not for differentiating.
+
+    Attributes:
+        query_losses: ``(T,)``, each task's query loss after ``k`` inner steps (their mean is
+            the meta-loss).
+        inner_losses: ``(T, k)``, ``inner_losses[t, i]`` is task ``t``'s support loss before
+            inner step ``i``.
+        metrics: ``{name: (T, ...)}``, what ``fmaml.MAML(..., metrics=fn)`` computed from each
+            task's query outputs and targets (``{}`` without ``metrics``).
+
+    Example:
+        >>> loss, aux = maml.unrolled_loss(params, tasks, 5, has_aux=True)  # doctest: +SKIP
+        >>> aux.metrics["accuracy"].mean()  # doctest: +SKIP
+    """
+
+    query_losses: torch.Tensor
+    inner_losses: torch.Tensor
+    metrics: dict[str, torch.Tensor]

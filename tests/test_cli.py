@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import fmaml
-from fmaml.__main__ import main
+from fmaml.app.main import main
 
-OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(
     not (OMNIGLOT / "all_runs.zip").is_file(), reason=f"no Omniglot data in {OMNIGLOT}"
 )
@@ -50,18 +51,40 @@ def test_plan_table(capsys):
     status, out, err = _run(["plan", "--length", "100", "--snapshots", "5"], capsys)
     assert status == 0 and err == ""
     assert out.startswith("Checkpoint plans for 100 inner steps; carry 6.9 KiB (the sinusoid MLP")
+    assert "evals/step  (forward + recomputed + with graph) / K" in out  # the convention, named
     rows = _rows(out)
     assert list(rows) == ["store_all", "sqrt", "binomial", "auto"]
     store_all = rows["store_all"].split()
     assert store_all[1:6] == ["-", "0", "0", "100", "1.00"]
+    assert rows["store_all"].endswith("100 step graphs, over 687.9 KiB")
     binomial = rows["binomial"].split()
     assert rows["binomial"].startswith("* binomial:5")  # the default --policy is marked
     recomputed = fmaml.binomial_cost(100, 5) - 99
     per_step = (100 + recomputed + 100) / 100
     assert binomial[2:7] == ["5", "100", str(recomputed), "100", f"{per_step:.2f}"]
     assert binomial[7:] == [f"{5 * 7044 / 1024:.1f}", "KiB"]
-    assert rows["auto"].split()[1:3] == ["(5", "snapshots)"]
-    assert "The plan of binomial (*):\n  Plan for a scan of length 100" in out
+    assert rows["auto"].split()[:2] == ["auto:5", "5"]
+    assert "The plan of binomial:5 (*): 10 actions in the forward pass, " in out
+
+
+def test_plan_labels_are_spellings_and_the_snapshots_column_is_the_plans(capsys):
+    """A label never states a snapshot count that the column contradicts (K=100: 99 used)."""
+    status, out, _ = _run(["plan", "-k", "100", "--policy", "auto"], capsys)
+    assert status == 0
+    auto = _rows(out)["auto"].split()
+    assert auto[:4] == ["*", "auto", "99", "100"] and auto[6] == "2.00"
+    status, out, _ = _run(["plan", "-k", "100", "--snapshots", "100"], capsys)
+    assert _rows(out)["binomial"].split()[1:3] == ["binomial:100", "99"]
+
+
+def test_plan_of_one_step(capsys):
+    status, out, _ = _run(["plan", "--length", "1", "--policy", "auto"], capsys)
+    assert status == 0
+    assert out.startswith("Checkpoint plans for 1 inner step; carry")
+    assert "steps" not in out.splitlines()[0] and "1 step graphs" not in out
+    assert _rows(out)["auto"].startswith("* auto (plain loop)")
+    assert _rows(out)["auto"].endswith("1 step graph, over 6.9 KiB")
+    assert "auto (plain loop) (*) has no plan" in out
 
 
 def test_plan_conv4_auto_and_model_bytes(capsys):
@@ -70,14 +93,13 @@ def test_plan_conv4_auto_and_model_bytes(capsys):
     n = sum(p.numel() for p in _conv4().parameters())
     assert f"conv4-64, 20-way: {n:,} float32 parameters" in out
     budget = 64 * 2**20 // (4 * n)  # the default Auto(): 64 MiB of snapshots
-    assert _rows(out)["auto"].startswith(f"* auto ({budget} snapshots)")
-    assert _rows(out)["auto"].split()[4] == str(budget)
+    assert _rows(out)["auto"].split()[:3] == ["*", "auto", str(budget)]
     status, out, _ = _run(["plan", "-k", "10", "--model-bytes", "1000", "--tasks", "4"], capsys)
     assert status == 0 and "carry 3.9 KiB (1,000 bytes (--model-bytes) x 4 tasks)" in out
 
 
 def _conv4():
-    from fmaml._tasks_omniglot import DEFAULTS, build_model
+    from fmaml.app.jobs.omniglot import DEFAULTS, build_model
 
     return build_model(DEFAULTS)
 
@@ -92,7 +114,7 @@ def test_plan_counts_match_a_real_scan(policy: str, capsys):
     numbers = [c for c in columns if c.isdigit()]
     forward, recomputed, graph = map(int, numbers[-3:])
 
-    from fmaml._cli import plan_policies
+    from fmaml.app.plan import plan_policies
 
     x = torch.tensor(0.5, dtype=torch.float64)
     with fmaml.record_scan() as stats:
@@ -117,7 +139,7 @@ def test_python_dash_m_fmaml_plan():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "binomial:3" in result.stdout
+    assert "* binomial                         3" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,10 +159,14 @@ def _assert_usage_error(status: int, err: str, *needles: str) -> None:
     [
         (["--eval-steps", "1,x"], ["--eval-steps", "0,1,10"]),
         (["--eval-steps", "-1"], ["--eval-steps", ">= 0"]),
-        (["--checkpoint", "everything"], ["--checkpoint", "binomial:S"]),
+        (["--checkpoint", "everything"], ["--checkpoint", "unknown policy", "binomial:S"]),
+        (["--checkpoint", "binomial:0"], ["the number of snapshots, an integer >= 1, got '0'"]),
+        (["--checkpoint", "uniform:x"], ["the steps between snapshots", "uniform:4"]),
+        (["--checkpoint", "store_all:2"], ["store_all takes no number"]),
         (["--inner-lr", "-0.1"], ["--inner-lr", "positive"]),
         (["--iterations", "0"], ["--iterations", ">= 1"]),
         (["--device", "tpu"], ["--device", "cpu, cuda or cuda:N"]),
+        (["--device"], ["--device: expected one argument"]),
         (["--bogus"], ["unrecognized arguments: --bogus"]),
     ],
 )
@@ -159,16 +185,49 @@ def test_cuda_unavailable(tmp_path: Path, capsys):
     assert not out.exists()
 
 
-def test_missing_data_dir(tmp_path: Path, capsys):
+def test_missing_data_dir(tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     missing = tmp_path / "nowhere"
     argv = ["train", "omniglot", "--data-dir", str(missing), "--out", str(out)]
     status, _, err = _run(argv, capsys)
     _assert_usage_error(status, err, str(missing), "does not exist", "--data-dir")
     assert not out.exists()
+    # a relative path is from the working directory, and the error shows where it looked
+    monkeypatch.chdir(tmp_path)
+    status, _, err = _run(["train", "omniglot", "--data-dir", "rel/path", "--out", "r"], capsys)
+    _assert_usage_error(status, err, f"--data-dir rel/path: {tmp_path}/rel/path does not exist")
     status, _, err = _run(["train", "omniglot", "--out", str(out)], capsys)
     _assert_usage_error(status, err, "--data-dir is required")
     assert not out.exists()
+
+
+@needs_omniglot
+def test_a_relative_data_dir_is_from_the_working_directory(tmp_path: Path, capsys, monkeypatch):
+    (tmp_path / "data").symlink_to(OMNIGLOT)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "omniglot", "--data-dir", "data", "--n-way", "2000", "--out", "run"]
+    status, _, err = _run(argv, capsys)  # the data was read: the episodes are checked
+    _assert_usage_error(status, err, "--n-way 2000 exceeds the 872 training classes")
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv" / ".fmaml-installed").is_file()
+    or Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
+    reason="runs scripts/dev, which would build .venv",
+)
+def test_scripts_dev_runs_the_command_where_the_user_stands(tmp_path: Path):
+    script = "import os, sys; print(os.getcwd()); print(sys.prefix)"
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "dev"), "python", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    cwd, prefix = result.stdout.splitlines()
+    assert Path(cwd).resolve() == tmp_path.resolve()
+    assert Path(prefix).resolve() == (REPO / ".venv").resolve()
 
 
 def test_data_dir_without_zips(tmp_path: Path, capsys):
@@ -272,6 +331,9 @@ def test_resume_of_the_wrong_task(finished_run: Path, capsys):
 def test_resume_of_something_else(tmp_path: Path, capsys):
     status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path / "none")], capsys)
     _assert_usage_error(status, err, "no such directory")
+    status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path)], capsys)
+    _assert_usage_error(status, err, "holds no run yet", f"fmaml train sinusoid --out {tmp_path}")
+    (tmp_path / "notes.txt").write_text("mine")
     status, _, err = _run(["train", "sinusoid", "--resume", str(tmp_path)], capsys)
     _assert_usage_error(status, err, "not a resumable run directory (no config.json)")
 

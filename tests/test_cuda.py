@@ -31,7 +31,7 @@ from _models import (
 from conftest import assert_trees_close, policy_id
 
 import fmaml
-from fmaml.__main__ import main
+from fmaml.app.main import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

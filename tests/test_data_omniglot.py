@@ -167,14 +167,35 @@ def test_drawings_are_sorted_and_classes_by_name(tmp_path):
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def test_missing_data_dir(tmp_path):
+def test_missing_data_dir_in_the_library_words(tmp_path):
+    """The library names its own arguments, never the command line's options."""
     missing = tmp_path / "nowhere"
     with pytest.raises(
         FileNotFoundError,
-        match=rf"data directory {re.escape(str(missing))} does not exist; pass --data-dir "
-        "pointing at the folder with the Omniglot zips",
+        match=rf"^load_background: `data_dir` '{re.escape(str(missing))}' does not exist; pass "
+        r"the folder that holds the Omniglot zips \(images_background\*\.zip\)$",
     ):
         load_background(missing)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"^load_background: `data_dir` .* is not a dir"):
+        load_background(tmp_path / "file")
+    with pytest.raises(FileNotFoundError) as info:
+        load_background("/nonexistent")
+    assert "--" not in str(info.value)
+
+
+def test_an_empty_zip_beside_good_ones_is_an_error(tmp_path):
+    """An empty (valid) zip among several is a broken download, not fewer characters."""
+    tiny_background(tmp_path / "images_background_a.zip", ["Alpha/character01"])
+    write_zip(tmp_path / "images_background_b.zip", {})
+    with pytest.raises(
+        ValueError,
+        match=r"images_background_b\.zip holds no character images .*download it "
+        r"again .*or remove it to use only images_background_a\.zip",
+    ):
+        load_background(tmp_path, image_size=105)
+    (tmp_path / "images_background_b.zip").unlink()
+    assert len(load_background(tmp_path, image_size=105)) == 1
 
 
 def test_no_zips_in_data_dir(tmp_path):
@@ -282,6 +303,19 @@ def test_rotation_classes_are_rot90_of_the_originals(chars):
     assert torch.equal(some.pixels[1], torch.rot90(chars.pixels[0], 2, dims=(-2, -1)))
     with pytest.raises(ValueError, match=r"`angles` must be distinct values among"):
         rotate(chars, angles=(0, 45))
+
+
+def test_rotating_twice_is_an_error():
+    once = rotate(synthetic(3))
+    with pytest.raises(
+        ValueError,
+        match=r"`characters` are rotations already \(12 of 12 classes, "
+        r"e\.g\. 'A/character00/rot0'\).*Rotate the characters once",
+    ):
+        rotate(once)
+    with pytest.raises(ValueError, match=r"rotations already \(1 of 3"):
+        rotate(OmniglotCharacters(once.pixels[:3], ("A/x", "A/y", "A/z/rot90")))
+    assert len(set(once.names)) == len(once) == 12
 
 
 def test_split_then_rotate_keeps_characters_on_one_side(chars):

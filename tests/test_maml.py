@@ -227,12 +227,13 @@ def test_unrolled_loss_history(batching, k):
             for t in range(3)
         ]
     )
-    loss, history = maml.unrolled_loss(params, tasks, k, return_history=True)
+    loss, aux = maml.unrolled_loss(params, tasks, k, has_aux=True)
+    history = aux.inner_losses
     assert history.shape == (3, k)
     torch.testing.assert_close(history, expected, **TOL)
     torch.testing.assert_close(loss, ref_loss, **TOL)
-    grads, history = grad(maml.unrolled_loss, has_aux=True)(params, tasks, k, return_history=True)
-    torch.testing.assert_close(history, expected, **TOL)
+    grads, aux = grad(maml.unrolled_loss, has_aux=True)(params, tasks, k, has_aux=True)
+    torch.testing.assert_close(aux.inner_losses, expected, **TOL)
     assert_trees_close(grads, ref_grad, **TOL)
 
 
@@ -514,7 +515,7 @@ def test_dropout_randomness_across_tasks(randomness):
     tasks = optree.tree_map(lambda leaf: leaf.expand(3, *leaf.shape), one)
     params = fmaml.params(model)
     maml = _maml(model, mse, "binomial", randomness=randomness)
-    _, history = maml.unrolled_loss(params, tasks, k, return_history=True)
+    history = maml.unrolled_loss(params, tasks, k, has_aux=True)[1].inner_losses
     adapted = maml.adapt(params, tasks.support, k, batched=True)
     same = randomness == "same"
     assert torch.equal(history[0], history[1]) == same
@@ -579,7 +580,8 @@ def test_check_finite_names_task_and_step(batching, bad_task, bad_step):
         assert name  # (for the traceback)
     # without check_finite: no error, a NaN loss
     quiet = _maml(model, mse, "binomial", batching)
-    loss, history = quiet.unrolled_loss(params, tasks, k, per_step=True, return_history=True)
+    loss, aux = quiet.unrolled_loss(params, tasks, k, per_step=True, has_aux=True)
+    history = aux.inner_losses
     assert torch.isnan(loss)
     bad = (~torch.isfinite(history)).nonzero()[0].tolist()
     assert bad == [bad_task, bad_step]
@@ -614,7 +616,7 @@ def test_check_finite_overflow_on_one_task(batching):
         maml.adapt(params, task(tasks, 2).support, k)
     maml.adapt(params, task(tasks, 1).support, k)  # a finite task passes
     quiet = _maml(model, mse, "sqrt", batching)
-    _, got = quiet.unrolled_loss(params, tasks, k, return_history=True)
+    got = quiet.unrolled_loss(params, tasks, k, has_aux=True)[1].inner_losses
     torch.testing.assert_close(got, history, **TOL, equal_nan=True)
 
 

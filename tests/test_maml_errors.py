@@ -146,8 +146,8 @@ def test_leaf_leading_sizes_disagree_names_the_path(setup):
 def test_support_and_query_task_counts_differ(setup):
     maml, loss, params, tasks = setup
     xq, yq = tasks.query
-    bad = fmaml.Tasks(tasks.support, {"x": xq[:1], "y": yq[:1]})
-    match = r"tasks\.support\[0\] has 3 tasks and tasks\.query\['x'\] has 1"
+    bad = fmaml.Tasks(tasks.support, (xq[:1], yq[:1]))
+    match = r"tasks\.support\[0\] has 3 tasks and tasks\.query\[0\] has 1"
     for route in ("unrolled_loss", "meta_grad"):
         with pytest.raises(ValueError, match=match):
             getattr(maml, route)(params, bad, 2)
@@ -236,7 +236,7 @@ def test_loss_fn_and_forward_exactly_one():
         (
             {"batching": "map"},
             ValueError,
-            r"`batching` must be one of \('vmap', 'loop'\), got 'map'",
+            r"`batching` must be one of \('auto', 'vmap', 'loop'\), got 'map'",
         ),
         ({"task_chunk": 0}, ValueError, r"`task_chunk` must be an int >= 1 or None, got 0"),
         ({"task_chunk": -2}, ValueError, r"`task_chunk` must be an int >= 1 or None, got -2"),
@@ -245,6 +245,9 @@ def test_loss_fn_and_forward_exactly_one():
         ({"checkpoint": "revolve"}, ValueError, r"MAML: unknown `checkpoint` 'revolve'"),
         ({"checkpoint": 3}, ValueError, r"MAML: unknown `checkpoint` 3"),
         ({"randomness": "fixed"}, ValueError, r"`randomness` must be one of"),
+        ({"memory_budget": -1}, ValueError, r"MAML: `memory_budget` must be a number of bytes"),
+        ({"memory_budget": "1G"}, ValueError, r"`memory_budget` must be .* got '1G'"),
+        ({"memory_budget": float("nan")}, ValueError, r"`memory_budget` must be .* got nan"),
     ],
 )
 def test_bad_constructor_options(kwargs, error, match):
@@ -287,3 +290,81 @@ def test_forward_must_return_a_scalar_tensor(setup):
     maml = fmaml.MAML(mlp(), forward=lambda p, batch: batch[0].sum(-1), inner_lr=0.1)
     with pytest.raises(ValueError, match=r"but `forward` returned float64\[4\]"):
         maml.adapt(params, task(tasks, 0).support, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# mistakes that used to fail deep inside torch (or not at all)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_fn": "mse"}, r"`loss_fn` must be a function, .*got str \('mse'\)\. Pass the "),
+        ({"forward": 3}, r"`forward` must be a function, forward\(params, batch\).*got int \(3\)"),
+    ],
+)
+def test_loss_fn_and_forward_must_be_callable(kwargs, match):
+    with pytest.raises(TypeError, match=r"MAML: " + match):
+        fmaml.MAML(mlp(), **kwargs)
+
+
+def test_tasks_of_bare_tensors(setup):
+    """``fmaml.Tasks(xs, ys)``: support and query are tensors, not ``(inputs, targets)`` pairs
+    (with ``T = 2`` tasks ``x, y = xs`` would even have unpacked without an error)."""
+    maml, loss, params, tasks = setup
+    (xs, ys), _ = tasks
+    match = (
+        r"MAML\.\w+: `tasks\.support` must be an \(inputs, targets\) pair, e\.g\. "
+        r"fmaml\.Tasks\(support=\(xs, ys\), query=\(xq, yq\)\) with leaves \(T, N, \.\.\.\); "
+        r"got a tensor float64\[3, 4, 3\]\. For batches of another form pass `forward=fn`"
+    )
+    routes = _routes(maml, params, fmaml.Tasks(xs, ys), 2)
+    del routes["adapt"], routes["adapt-batched"]
+    _raises_before_any_step(routes, loss, TypeError, match)
+    for bad, shown in (((xs, ys, ys), r"a tuple of 3"), ({"x": xs, "y": ys}, r"dict \(")):
+        with pytest.raises(
+            TypeError, match=r"`tasks\.query` must be an \(inputs, targets\) pair.*" + shown
+        ):
+            maml.unrolled_loss(params, fmaml.Tasks(tasks.support, bad), 2)
+        with pytest.raises(
+            TypeError,
+            match=r"MAML\.adapt: `support` must be an \(inputs, "
+            r"targets\) pair, e\.g\. \(x, y\); got " + shown,
+        ):
+            maml.adapt(params, bad, 2, batched=True)
+    assert loss.calls == 0
+
+
+def test_a_tasks_given_to_adapt(setup):
+    maml, loss, params, tasks = setup
+    match = (
+        r"MAML\.adapt: `support` is an fmaml\.Tasks \(support and query\); adapt takes the "
+        r"support batch only: maml\.adapt\(params, tasks\.support, k, batched=True\)"
+    )
+    for call in (
+        lambda: maml.adapt(params, tasks, 2, batched=True),
+        lambda: maml.adapt(params, task(tasks, 0), 2),
+        lambda: maml.reptile_grad(params, tasks, 2),
+    ):
+        with pytest.raises(TypeError, match=match):
+            call()
+    assert loss.calls == 0
+
+
+def test_a_parameter_of_the_wrong_shape_is_named_with_both_shapes(setup):
+    maml, loss, params, tasks = setup
+    bad = {**params, "2.weight": torch.zeros(5, 2, dtype=F64)}
+    match = (
+        r"MAML\.\w+: parameter '2\.weight' has shape \(5, 2\), but the model's '2\.weight' has "
+        r"shape \(2, 5\)\. Build `params` with fmaml\.params\(model\)"
+    )
+    _raises_before_any_step(_routes(maml, bad, tasks, 2), loss, ValueError, match)
+    # parameters with a task dimension (from a batched adapt) where one task's are expected
+    batched = {n: p.expand(3, *p.shape) for n, p in params.items()}
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(3, 5, 3\).*leading task dimension .*"
+        r"pick one task, \{n: p\[t\] for n, p in adapted\.items\(\)\}\.",
+    ):
+        maml.unrolled_loss(batched, tasks, 2)
+    assert loss.calls == 0

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmaml import _train
-from fmaml.__main__ import main
+from fmaml.app import evaluation, files, progress
+from fmaml.app.main import main
 
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(
@@ -115,7 +115,7 @@ def test_sinusoid_run_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert config["eval_inner_lr"] == config["inner_lr"]
     assert config["checkpoint"] == "auto" and config["parameters"] == 1761
 
-    from fmaml._tasks_sinusoid import build_model
+    from fmaml.app.jobs.sinusoid import build_model
 
     model = build_model(config)
     model.load_state_dict(_load(run / "params.pt"))  # strict: every key, nothing else
@@ -157,7 +157,7 @@ def test_sinusoid_resume_after_a_signal(tmp_path: Path, capsys, monkeypatch):
     common = [*SIN, "--iterations", "20", "--save-every", "100"]
     assert main([*common, "--out", str(whole)]) == 0
 
-    from fmaml._tasks_sinusoid import SinusoidJob
+    from fmaml.app.jobs.sinusoid import SinusoidJob
 
     sample, calls = SinusoidJob.sample, []
 
@@ -194,11 +194,12 @@ def test_a_crash_between_write_and_rename_keeps_the_last_state(tmp_path, capsys,
                 raise OSError(28, "No space left on device")
         return replace(src, dst)
 
-    monkeypatch.setattr(_train.os, "replace", flaky_replace)
+    monkeypatch.setattr(files.os, "replace", flaky_replace)
     status, _, err = _run([*common, "--out", str(crashed)], capsys)
-    monkeypatch.setattr(_train.os, "replace", replace)
-    assert status == 1
-    assert err.count("\n") == 1 and "No space left on device" in err
+    monkeypatch.setattr(files.os, "replace", replace)
+    assert status == 2
+    assert err.count("\n") == 1 and f"cannot write {crashed}/state.pt: No space left" in err
+    assert f"--resume {crashed}" in err
     assert _load(crashed / "state.pt")["iteration"] == 10  # the previous state, intact
     assert not [p.name for p in crashed.iterdir() if p.name.endswith(".tmp")]
     assert main(["train", "sinusoid", "--quiet", "--resume", str(crashed)]) == 0
@@ -208,14 +209,14 @@ def test_a_crash_between_write_and_rename_keeps_the_last_state(tmp_path, capsys,
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch):
     path = tmp_path / "state.pt"
-    _train.atomic_save({"iteration": 1}, path)
+    files.atomic_save({"iteration": 1}, path)
 
     def crash(src, dst):
         raise OSError("killed")
 
-    monkeypatch.setattr(_train.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="killed"):
-        _train.atomic_save({"iteration": 2}, path)
+        files.atomic_save({"iteration": 2}, path)
     assert torch.load(path, weights_only=True) == {"iteration": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
@@ -246,20 +247,20 @@ def test_progress_refreshes_in_place_on_a_terminal():
             return True
 
     stream = Terminal()
-    progress = _train.Progress(total=100, budget_s=None, start=0, enabled=True, stream=stream)
-    progress.update(10, 0.5, elapsed=1.0, force=True)
-    progress.close(100, 0.25, elapsed=2.0)
+    bar = progress.Progress(total=100, budget_s=None, start=0, enabled=True, stream=stream)
+    bar.update(10, 0.5, elapsed=1.0, force=True)
+    bar.close(100, 0.25, elapsed=2.0)
     text = stream.getvalue()
     assert text.startswith("\r") and text.count("\r") == 2 and text.endswith("\n")
     assert " 10%|██" in text and "100/100" in text and "meta-loss 0.2500" in text
 
 
 def test_interval_is_the_normal_95_percent_interval():
-    stats = _train.interval(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    stats = evaluation.interval(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     std = torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item()
     expected = {"mean": 2.5, "ci95": 1.96 * std / 2, "std": std, "n": 4, "nonfinite": 0}
     assert stats == pytest.approx(expected)
-    diverged = _train.interval(torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf"), float("nan")]))
+    diverged = evaluation.interval(torch.tensor([1.0, 2.0, 3.0, 4.0, float("inf"), float("nan")]))
     assert diverged == pytest.approx({**expected, "nonfinite": 2})
 
 
@@ -281,7 +282,7 @@ def test_omniglot_run_and_resume(tmp_path: Path, capsys):
     config = json.loads((whole / "config.json").read_text())
     assert config["data"]["characters"] == 242
     assert config["data"]["train_classes"] == (242 - 24) * 4
-    from fmaml._tasks_omniglot import build_model
+    from fmaml.app.jobs.omniglot import build_model
 
     build_model(config).load_state_dict(_load(whole / "params.pt"))
     assert (whole / "training_curve.png").is_file()

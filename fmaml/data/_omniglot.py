@@ -48,6 +48,8 @@ BACKGROUND_PATTERN = "images_background*.zip"
 RUNS_ZIP = "all_runs.zip"
 _URL = "https://github.com/brendenlake/omniglot/tree/master/python"
 _ANGLES = (0, 90, 180, 270)
+#: The suffix :func:`rotate` gives a class name.
+_ROTATION = re.compile(r"/rot(0|90|180|270)$")
 
 StrPath = str | os.PathLike[str]
 
@@ -115,7 +117,9 @@ class OmniglotCharacters:
         """
         _check_image_size("OmniglotCharacters.from_zips", image_size)
         if isinstance(paths_or_dir, (str, os.PathLike)) and Path(paths_or_dir).is_dir():
-            zips = _find_zips("OmniglotCharacters.from_zips", Path(paths_or_dir), pattern, None)
+            zips = _find_zips(
+                "OmniglotCharacters.from_zips", "paths_or_dir", Path(paths_or_dir), pattern, None
+            )
         elif isinstance(paths_or_dir, (str, os.PathLike)):
             zips = [Path(paths_or_dir)]
         else:
@@ -170,7 +174,7 @@ def load_background(
         >>> chars = load_background("../shared/data/omniglot")  # doctest: +SKIP
     """
     _check_image_size("load_background", image_size)
-    zips = _find_zips("load_background", Path(data_dir), BACKGROUND_PATTERN, files)
+    zips = _find_zips("load_background", "data_dir", Path(data_dir), BACKGROUND_PATTERN, files)
     return _read_characters(zips, image_size)
 
 
@@ -255,11 +259,22 @@ def rotate(characters: OmniglotCharacters, angles: Sequence[int] = _ANGLES) -> O
 
     Returns:
         ``len(angles) * C`` classes named ``"<name>/rot<angle>"``.
+
+    Raises:
+        ValueError: if ``characters`` hold rotations already (a name ending in ``/rot<angle>``):
+            rotating twice would turn one image into several classes.
     """
     angles = tuple(angles)
     if not angles or len(set(angles)) != len(angles) or any(a not in _ANGLES for a in angles):
         raise ValueError(
             f"rotate: `angles` must be distinct values among {_ANGLES} (degrees), got {angles!r}."
+        )
+    rotated_names = [n for n in characters.names if _ROTATION.search(n)]
+    if rotated_names:
+        raise ValueError(
+            f"rotate: `characters` are rotations already ({len(rotated_names)} of "
+            f"{len(characters)} classes, e.g. {rotated_names[0]!r}); rotating again would make "
+            "the same images several classes. Rotate the characters once, after split()."
         )
     p = characters.pixels
     rotated = torch.stack([torch.rot90(p, a // 90, dims=(-2, -1)) for a in angles], dim=1)
@@ -436,12 +451,14 @@ def as_tasks(runs: Sequence[OneShotRun]) -> Tasks:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _find_zips(who: str, data_dir: Path, pattern: str, files: Sequence[str] | None) -> list[Path]:
+def _find_zips(
+    who: str, arg: str, data_dir: Path, pattern: str, files: Sequence[str] | None
+) -> list[Path]:
     if not data_dir.is_dir():
         what = "is not a directory" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(
-            f"{who}: data directory {data_dir} {what}; pass --data-dir pointing at the folder "
-            "with the Omniglot zips"
+            f"{who}: `{arg}` {str(data_dir)!r} {what}; pass the folder that holds the Omniglot "
+            f"zips ({pattern})"
         )
     if files is not None:
         if isinstance(files, (str, os.PathLike)):
@@ -451,17 +468,24 @@ def _find_zips(who: str, data_dir: Path, pattern: str, files: Sequence[str] | No
         if missing or not zips:
             raise FileNotFoundError(
                 f"{who}: no file {missing or files!r} in data directory {data_dir} "
-                f"(it holds {sorted(p.name for p in data_dir.iterdir())})."
+                f"(it holds {_listing(data_dir)})."
             )
         return zips
     zips = sorted(data_dir.glob(pattern))
     if not zips:
         raise FileNotFoundError(
             f"{who}: no {pattern} zips in data directory {data_dir} (it holds "
-            f"{sorted(p.name for p in data_dir.iterdir())}); download images_background.zip "
+            f"{_listing(data_dir)}); download images_background.zip "
             f"from {_URL} into it."
         )
     return zips
+
+
+def _listing(directory: Path, most: int = 8) -> str:
+    """The sorted names in ``directory``, at most ``most`` of them."""
+    names = sorted(p.name for p in directory.iterdir())
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return (", ".join(names[:most]) + more) or "nothing"
 
 
 def _open_zip(who: str, path: Path) -> zipfile.ZipFile:
@@ -483,7 +507,14 @@ def _read_characters(zips: list[Path], image_size: int) -> OmniglotCharacters:
     archives = [_open_zip(who, z) for z in zips]
     try:
         for i, (path, archive) in enumerate(zip(zips, archives, strict=True)):
-            for name, entries in _index_characters(path, archive).items():
+            found = _index_characters(path, archive)
+            if not found and len(zips) > 1:
+                raise ValueError(
+                    f"{who}: {path} holds no character images (an empty or unfinished "
+                    f"download?); download it again from {_URL}, or remove it to use only "
+                    f"{', '.join(z.name for z in zips if z != path)}."
+                )
+            for name, entries in found.items():
                 if name not in plan:
                     plan[name] = (i, entries)
                     continue

@@ -21,8 +21,10 @@ from torch.func import grad
 
 import fmaml
 from fmaml._policy import resolve_policy
+from fmaml.app.options import int_at_least
+from fmaml.app.plan import PER_STEP, describe_plan, plural, step_cost
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_command", "run"]
 
 Params = dict[str, torch.Tensor]
 
@@ -34,22 +36,31 @@ POLICIES = ("store_all", "auto", "binomial")
 TOLERANCE = 1e-10
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fmaml demo``."""
-    parser.add_argument(
-        "--length", type=_positive, default=100, help="scan length for the plans (default: 100)"
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to ``fmaml``'s commands."""
+    parser = commands.add_parser(
+        "demo",
+        help="checkpoint plans and an exact meta-gradient (a few seconds)",
+        description=(
+            "Print the checkpoint plans of a scan under the default policy and 'binomial', then "
+            "compute a MAML meta-gradient with fmaml.scan under 'store_all', the default policy "
+            "and 'binomial' and check that they agree."
+        ),
     )
     parser.add_argument(
-        "--steps", type=_positive, default=25, help="inner SGD steps of the MAML (default: 25)"
+        "--length",
+        type=int_at_least(1),
+        default=100,
+        help="scan length for the plans (default: 100)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        default=25,
+        help="inner SGD steps of the MAML (default: 25)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the MLP")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,26 +86,25 @@ def run(args: argparse.Namespace) -> int:
 def print_plans(length: int, carry_bytes: int) -> None:
     """The checkpoint plans of a ``length``-step scan whose carry takes ``carry_bytes``."""
     print(
-        f"Checkpoint plans for a scan of {length} steps "
+        f"Checkpoint plans for a scan of {length} step{'' if length == 1 else 's'} "
         f"(carry: the demo MLP's parameters, {carry_bytes:,} bytes)"
     )
-    for name, label in (("auto", "default policy fmaml.Auto()"), ("binomial", '"binomial"')):
-        plan = resolve_policy(name).plan(length, carry_bytes)
+    print("Compute is counted as in fmaml plan:")
+    print("  " + PER_STEP.replace("\n", "\n  "))
+    for name, title in (
+        ("auto", "default policy fmaml.Auto()"),
+        ("binomial", '"binomial"'),
+        ("store_all", '"store_all"'),
+    ):
+        cost = step_cost(resolve_policy(name), length, carry_bytes)
         print(
-            f"\n{label}: snapshots {plan.snapshots}, step evaluations {plan.evaluations}, "
-            f"evaluations per step {plan.evaluations / length:.2f} (without a graph, the forward "
-            "sweep included)"
+            f"\n{title}: forward {cost.forward}, recomputed {cost.recomputed}, with graph "
+            f"{cost.graph}: {cost.per_step:.2f} evals/step; memory {cost.memory()}"
         )
-        print(_indent(plan.describe(head=6)))
-    print(
-        "\nBoth also evaluate every step once more, with a graph, just before pulling the "
-        f'cotangent back through it.\n"store_all" evaluates each step once, with a graph, and '
-        f"keeps all {length} step graphs."
-    )
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+        if cost.plan is None:
+            print("  no plan: every step runs once, with a graph kept for the backward pass")
+        else:
+            print(f"  {plural(cost.snapshots, 'snapshot')}; {describe_plan(cost.plan)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +171,8 @@ def print_meta_gradients(params: Params, task: tuple, steps: int) -> int:
     )
     print(
         f"  {'policy':<10} {'|meta-grad|':>18} {'max abs diff':>13} "
-        f"{'forward':>8} {'recomputed':>11} {'with graph':>11} {'snapshots':>10}"
+        f"{'forward':>8} {'recomputed':>11} {'with graph':>11} {'evals/step':>11} "
+        f"{'snapshots':>10}"
     )
     reference: Params | None = None
     worst = 0.0
@@ -173,17 +184,22 @@ def print_meta_gradients(params: Params, task: tuple, steps: int) -> int:
             reference = g
         diff = max(float((g[k] - reference[k]).abs().max()) for k in g)
         worst = max(worst, diff)
+        forward = stats.forward_evaluations
+        if not stats.plans:  # store_all: record_scan counts its graph evaluations as forward too
+            forward -= stats.graph_evaluations
+        per_step = (forward + stats.recomputations + stats.graph_evaluations) / steps
         snapshots = str(stats.plans[0].snapshots) if stats.plans else "-"
         print(
-            f"  {policy:<10} {norm:>18.12f} {diff:>13.3e} {stats.forward_evaluations:>8} "
-            f"{stats.recomputations:>11} {stats.graph_evaluations:>11} {snapshots:>10}"
+            f"  {policy:<10} {norm:>18.12f} {diff:>13.3e} {forward:>8} "
+            f"{stats.recomputations:>11} {stats.graph_evaluations:>11} {per_step:>11.2f} "
+            f"{snapshots:>10}"
         )
     print(f"max abs difference vs store_all: {worst:.3e}")
     print(
-        "Counts from fmaml.record_scan(): forward = steps evaluated in the forward pass (for "
-        "store_all these are\nthe graph evaluations), recomputed = evaluated again without a "
-        "graph in the backward pass, with graph =\nevaluated with a graph, snapshots = carry "
-        "snapshots of the plan."
+        "Counts measured by fmaml.record_scan(): forward = steps evaluated without a graph in "
+        "the forward pass,\nrecomputed = evaluated again without a graph in the backward pass, "
+        "with graph = evaluated with a\ngraph (store_all: in the forward pass), snapshots = "
+        "carry snapshots of the plan; evals/step as above."
     )
     if worst > TOLERANCE:
         print(f"FAILED: the policies disagree by more than {TOLERANCE:g}")

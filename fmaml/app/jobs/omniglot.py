@@ -13,6 +13,7 @@ reference code), so the model has no running buffers. Evaluation: the query accu
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from torch import nn
 from torch.func import functional_call
 
 import fmaml
-from fmaml._train import evaluate_steps, interval
 from fmaml._typing import Params, Tasks
+from fmaml.app.evaluation import evaluate_steps, interval
 from fmaml.data import (
     OmniglotCharacters,
     as_tasks,
@@ -143,7 +144,7 @@ def load_data(config: dict[str, Any]) -> OmniglotData:
         mtimes = tuple(z.stat().st_mtime for z in zips)
         chars = _background(str(data_dir), mtimes, config["image_size"])
     except (FileNotFoundError, ValueError, ImportError) as e:
-        raise DataError(str(e)) from e
+        raise DataError(f"--data-dir {data_dir}: {_without_caller(e)}") from e
     n_val = config["val_chars"]
     if n_val >= len(chars):
         raise DataError(
@@ -181,12 +182,20 @@ def load_data(config: dict[str, Any]) -> OmniglotData:
             mtime = path.stat().st_mtime if path.is_file() else 0.0
             runs = _runs(str(data_dir), mtime, config["image_size"])
         except (FileNotFoundError, ValueError, ImportError) as e:
-            raise DataError(f"{e} (or pass --no-official-runs to skip that evaluation)") from e
+            raise DataError(
+                f"--data-dir {data_dir}: {_without_caller(e)} (or pass --no-official-runs to skip "
+                "that evaluation)"
+            ) from e
     return OmniglotData(train, val, runs, len(chars))
 
 
+def _without_caller(error: Exception) -> str:
+    """A library error's message without the function name it starts with."""
+    return re.sub(r"^[\w.]+: ", "", str(error)).rstrip(".")
+
+
 class OmniglotJob:
-    """The Omniglot benchmark for :func:`fmaml._train.train`."""
+    """The Omniglot benchmark for :func:`fmaml.app.loop.train`."""
 
     def __init__(self, config: dict[str, Any], data: OmniglotData) -> None:
         self.config = config

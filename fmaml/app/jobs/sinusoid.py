@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fmaml
-from fmaml._train import atomic_write, evaluate_steps, interval
 from fmaml._typing import Params, Tasks
+from fmaml.app.evaluation import evaluate_steps, interval
+from fmaml.app.files import atomic_write
 from fmaml.data import SinusoidTasks, true_function
 
 __all__ = ["DEFAULTS", "SinusoidJob", "build_model"]
@@ -60,7 +61,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 class SinusoidJob:
-    """The sinusoid benchmark for :func:`fmaml._train.train`."""
+    """The sinusoid benchmark for :func:`fmaml.app.loop.train`."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
