@@ -31,21 +31,17 @@ from typing import Any
 import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-from fmaml._autodiff import _reads_other, transforms_active
+from fmaml._autodiff import transforms_active
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._scan import _guard, _needs_graph, _tracked
 from fmaml._tree import Spec, flatten, unflatten
 
-__all__ = ["ClosureError", "accumulate", "eager_gradient_applies"]
+__all__ = ["accumulate", "eager_gradient_applies"]
 
 Leaves = list[Any]
 #: ``piece(*args) -> (scalar, aux)``: one term of the sum and a pytree of tensors (leading
 #: dimension concatenated over the pieces; not differentiated).
 Piece = Callable[..., tuple[torch.Tensor, Any]]
-
-
-class ClosureError(ValueError):
-    """A piece read a tensor that is being differentiated but is not one of its arguments."""
 
 
 def eager_gradient_applies() -> bool:
@@ -60,7 +56,7 @@ def eager_gradient_applies() -> bool:
 
 
 def accumulate(
-    pieces: Sequence[Piece], args: tuple[Any, ...], *, name: str = "fmaml"
+    pieces: Sequence[Piece], args: tuple[Any, ...], *, check: Callable[[], None] | None = None
 ) -> tuple[torch.Tensor, Any]:
     """``(Σ_j value_j, concatenated aux)`` over ``pieces``, each ``piece(*args) -> (value, aux)``.
 
@@ -68,15 +64,17 @@ def accumulate(
     one piece at a time during this call (see the module docstring). ``aux`` pytrees share one
     structure; their leaves are concatenated along dimension 0 and carry no gradient.
 
-    Raises:
-        ClosureError: a piece reads a tensor that plain autograd records but that is not in
-            ``args`` (its gradient would be lost).
+    The pieces must read every tensor being differentiated through ``args``: the gradient of a
+    tensor they close over is lost. ``check()`` runs first when the gradient is taken here, to
+    raise if they do (a cheap probe by the caller, who knows what the pieces read).
     """
     leaves, spec = flatten(args)
     want = [_tracked(t) and _differentiable(t) for t in leaves]
     if not any(want) or not eager_gradient_applies():
         return _direct(pieces, args)
-    static = _Static(list(pieces), spec, want, name)
+    if check is not None:
+        check()
+    static = _Static(list(pieces), spec, want)
     out = _Accumulated.apply(static, *leaves)
     value, aux_leaves = out[0], list(out[1 : 1 + static.n_aux])
     return value, unflatten(static.aux_spec, aux_leaves)
@@ -108,7 +106,6 @@ class _Static:
     pieces: list[Piece]
     spec: Spec
     want: list[bool]
-    name: str
     rng: RngState | None = None
     devices: tuple[int, ...] = ()
     aux_spec: Spec | None = None
@@ -121,6 +118,9 @@ class _Static:
         return piece(*unflatten(self.spec, list(leaves)))
 
 
+_GUARD = "fmaml: a meta-gradient computed in the forward pass (MAML's eager gradient)"
+
+
 class _Accumulated(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -129,14 +129,10 @@ class _Accumulated(torch.autograd.Function):
         static.wanted = [j for j, w in enumerate(static.want) if w]
         static.devices = cuda_devices(leaves)
         static.rng = RngState.capture(static.devices)
-        total: torch.Tensor | None = None
-        grads: list[torch.Tensor | None] = [None] * len(static.wanted)
-        auxes = []
-        for piece in static.pieces:
-            value, aux, g = _value_and_grad(static, piece, leaves)
-            total = value if total is None else total + value
-            grads = [b if a is None else a + b for a, b in zip(grads, g, strict=True)]
-            auxes.append(aux)
+        if transforms_active():  # under vmap (the Function's generated rule)
+            total, grads, auxes = _accumulate_func(static, leaves)
+        else:
+            total, grads, auxes = _accumulate_plain(static, leaves)
         aux_leaves, static.aux_spec = _concat(auxes)
         aux_leaves = [t.detach() for t in aux_leaves]
         static.n_aux = len(aux_leaves)
@@ -173,43 +169,51 @@ class _Accumulated(torch.autograd.Function):
             values = [ct * g for g in grads]
             anchors = [t for t in (ct, *inputs) if _tracked(t)]
             if anchors and torch.is_grad_enabled():
-                values = _guard(anchors[0])(values)
+                values = _guard(anchors[0], _GUARD)(values)
         for j, v in zip(static.wanted, values, strict=True):
             out[j] = v
         return (None, *out)
 
 
-def _value_and_grad(
-    static: _Static, piece: Piece, leaves: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
-    """One piece's value, aux and gradient with respect to the wanted leaves."""
-    wanted = static.wanted
-    if transforms_active():  # under vmap (the Function's generated rule): torch.func's grad
+def _accumulate_plain(
+    static: _Static, leaves: Sequence[Any]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[Any]]:
+    """Plain autograd: each piece's backward pass accumulates into the ``.grad`` of one set of
+    fresh leaves (as ``loss.backward()`` per task does), and its graph goes with it."""
+    with torch.enable_grad():
+        fresh = [leaves[j].detach().requires_grad_() for j in static.wanted]
+        full = _put(leaves, static.wanted, fresh)
+        total, auxes = None, []
+        for piece in static.pieces:
+            value, aux = static.call(piece, full)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                torch.autograd.backward(value, inputs=fresh)
+            value = value.detach()
+            total = value if total is None else total + value
+            auxes.append(aux)
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in fresh]
+    return total, grads, auxes
 
-        def fn(*values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+
+def _accumulate_func(
+    static: _Static, leaves: Sequence[Any]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[Any]]:
+    """Under ``torch.func`` levels (``vmap``): ``torch.func.grad_and_value`` piece by piece."""
+    wanted = static.wanted
+    total, grads, auxes = None, [None] * len(wanted), []
+    for piece in static.pieces:
+
+        def fn(*values: torch.Tensor, piece: Piece = piece) -> tuple[torch.Tensor, Any]:
             return static.call(piece, _put(leaves, wanted, values))
 
         argnums = tuple(range(len(wanted)))
-        grads, (value, aux) = torch.func.grad_and_value(fn, argnums, has_aux=True)(
+        g, (value, aux) = torch.func.grad_and_value(fn, argnums, has_aux=True)(
             *(leaves[j] for j in wanted)
         )
-        return value, aux, list(grads)
-    with torch.enable_grad():
-        fresh = [leaves[j].detach().requires_grad_() for j in wanted]
-        full = _put([t.detach() for t in leaves], wanted, fresh)
-        value, aux = static.call(piece, full)
-        if not isinstance(value, torch.Tensor) or not value.requires_grad:
-            grads = [None] * len(fresh)
-        else:
-            if _reads_other(value, fresh):
-                raise ClosureError(
-                    f"{static.name}: the loss reads a tensor that requires grad but is not one "
-                    "of the arguments (a closure over a parameter?): its gradient would be lost. "
-                    "Pass it in `params` (or `hyper`) instead."
-                )
-            grads = list(torch.autograd.grad(value, fresh, allow_unused=True))
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(fresh, grads, strict=True)]
-    return value.detach(), aux, grads
+        total = value if total is None else total + value
+        grads = [b if a is None else a + b for a, b in zip(grads, g, strict=True)]
+        auxes.append(aux)
+    return total, grads, auxes
 
 
 def _exact(static: _Static, full: Leaves, ct: torch.Tensor) -> list[torch.Tensor]:

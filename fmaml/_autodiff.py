@@ -33,9 +33,8 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in optree.tree_leaves(tree, none_is_leaf=False) if isinstance(t, torch.Tensor)]
 
 
-def _floating(tree: Any) -> bool:
-    leaves = optree.tree_leaves(tree, none_is_leaf=False)
-    return all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
+def _is_floating(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def _records(tree: Any) -> bool:
@@ -78,19 +77,22 @@ def grad_and_value_any(
     ``fn`` does not use are zeros, as in ``torch.func``.
     """
     nums = (argnums,) if isinstance(argnums, int) else argnums
-    if transforms_active() or not all(_floating(args[n]) for n in nums):
+    if transforms_active():
+        return grad_and_value(fn, argnums=argnums, has_aux=True)(*args)
+    flats = [optree.tree_flatten(args[n], none_is_leaf=False) for n in nums]
+    if not all(_is_floating(t) for leaves, _ in flats for t in leaves):
         return grad_and_value(fn, argnums=argnums, has_aux=True)(*args)
     graph = _records((args, context))
     with torch.enable_grad():
         inputs = list(args)
-        for n in nums:
-            inputs[n] = optree.tree_map(
-                lambda t: t if graph and t.requires_grad else t.detach().requires_grad_(),
-                args[n],
-                none_is_leaf=False,
-            )
+        wrt = []
+        for n, (leaves, spec) in zip(nums, flats, strict=True):
+            fresh = [
+                t if graph and t.requires_grad else t.detach().requires_grad_() for t in leaves
+            ]
+            inputs[n] = optree.tree_unflatten(spec, fresh)
+            wrt.append(fresh)
         value, aux = fn(*inputs)
-        wrt = [_tensors(inputs[n]) for n in nums]
         flat = [t for group in wrt for t in group]
         if not graph and torch.is_grad_enabled() and isinstance(value, torch.Tensor):
             # fn may read a tensor autograd records that neither args nor context show (a
@@ -107,8 +109,7 @@ def grad_and_value_any(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux, none_is_leaf=False
         )
     out, start = [], 0
-    for n, group in zip(nums, wrt, strict=True):
-        spec = optree.tree_structure(inputs[n], none_is_leaf=False)
+    for (_, spec), group in zip(flats, wrt, strict=True):
         out.append(optree.tree_unflatten(spec, filled[start : start + len(group)]))
         start += len(group)
     return (out[0] if isinstance(argnums, int) else tuple(out)), (value, aux)

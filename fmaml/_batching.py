@@ -67,11 +67,12 @@ class TaskFootprint:
 @dataclass(frozen=True)
 class Batching:
     """How the tasks of one call run: ``mode`` ``"loop"`` or ``"vmap"``, ``chunk`` tasks per
-    ``vmap`` (None: all at once), and why."""
+    ``vmap`` (None: all at once), why, and the task's measured ``footprint`` (if any)."""
 
     mode: str
     chunk: int | None
     reason: str
+    footprint: TaskFootprint | None = None
 
     def chunks(self, n_tasks: int) -> list[tuple[int, int]]:
         """``[(start, stop), ...]`` covering ``n_tasks`` tasks."""
@@ -98,9 +99,8 @@ def choose(
     """The automatic rule (see the module docstring)."""
     mean = footprint.mean_tensor_bytes
     if device.type == "cpu" and mean > LARGE_TENSOR_BYTES:
-        return Batching(
-            "loop", None, f"CPU, large operations (mean saved tensor {_mib(mean)} > 0.25 MiB)"
-        )
+        why = f"CPU, large operations (mean saved tensor {_mib(mean)} > 0.25 MiB)"
+        return Batching("loop", None, why, footprint)
     per_task = max(footprint.per_task_bytes(k, checkpoint_budget), 1)
     chunk = max(1, min(n_tasks, budget // per_task))
     why = (
@@ -108,10 +108,10 @@ def choose(
         f"{_mib(per_task)} per task, budget {_mib(budget)}"
     )
     if chunk >= n_tasks:
-        return Batching("vmap", None, why)
+        return Batching("vmap", None, why, footprint)
     if chunk == 1:
-        return Batching("loop", None, why + ": one task at a time")
-    return Batching("vmap", chunk, why + f": chunks of {chunk}")
+        return Batching("loop", None, why + ": one task at a time", footprint)
+    return Batching("vmap", chunk, why + f": chunks of {chunk}", footprint)
 
 
 def _mib(n: float) -> str:

@@ -383,16 +383,20 @@ def resweep(static: _Static, init: Leaves, xs: Leaves, consts: Leaves) -> dict[i
     tangents, for a backward pass under a Jvp level (the forward pass kept them without)."""
     call, plan = static.call, static.plan
     stored: dict[int, Leaves] = {}
+    held = _scan._Held(stored, [*init, *xs, *consts]) if _scan._RECORDERS else None
     current = init
     with preserve_rng(static.devices):
         static.rng0.restore()
         for action in plan.forward:
             if isinstance(action, sch.Snapshot):
                 stored[action.index] = current
+                if held is not None:
+                    held.add(current)
             elif isinstance(action, sch.Advance):
                 for i in range(action.start, action.stop):
                     current, _ = call.call_step(i, current, xs, consts)
                 _scan._count("recomputations", action.stop - action.start)
-            _scan._peak(stored, current, [*init, *xs, *consts])
+            if held is not None:
+                held.observe(current)
     stored[call.length - 1] = current
     return stored

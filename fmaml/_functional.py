@@ -27,6 +27,7 @@ from fmaml._tree import describe_leaf
 from fmaml._typing import Params
 
 __all__ = [
+    "BufferReader",
     "batch_norm_in_plain_ops",
     "check_trackable",
     "check_tracked",
@@ -150,8 +151,34 @@ def _name(prefix: str, name: str) -> str:
 
 def inner_buffers(model: nn.Module) -> dict[str, torch.Tensor | None]:
     """The buffers to hand to ``functional_call``: BatchNorm running statistics become ``None``."""
-    running = {_name(prefix, name) for prefix, _ in _batch_norms(model) for name in _RUNNING}
-    return {name: (None if name in running else buffer) for name, buffer in model.named_buffers()}
+    return BufferReader(model)()
+
+
+class BufferReader:
+    """:func:`inner_buffers` for one module, its buffers' places found once.
+
+    Walking the module tree costs more than a small model's forward pass, so the places
+    (owning submodule and attribute) are found when the reader is made; the tensors themselves
+    are read at every call, so ``model.to(...)`` and replaced buffers are seen.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        running = {_name(prefix, name) for prefix, _ in _batch_norms(model) for name in _RUNNING}
+        self._slots = []
+        seen: set[int] = set()
+        for prefix, module in model.named_modules():
+            for attr, buffer in module._buffers.items():
+                if buffer is None or id(buffer) in seen:
+                    continue
+                seen.add(id(buffer))
+                name = _name(prefix, attr)
+                self._slots.append((name, module, attr, name in running))
+
+    def __call__(self) -> dict[str, torch.Tensor | None]:
+        return {
+            name: None if running else module._buffers[attr]
+            for name, module, attr, running in self._slots
+        }
 
 
 def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -142,6 +142,9 @@ class Auto:
             64 MiB).
         max_snapshots: an upper bound on the snapshots; when given, graphs are kept only if
             ``length <= max_snapshots``.
+        graph_bytes: the bytes one step's graph saves for one element of the ``vmap``
+            batches, when known (:class:`fmaml.MAML` measures it once per shape); the scan then
+            scales it by its batch instead of measuring step 0.
 
     Example:
         >>> fmaml.scan(f, init, xs, checkpoint=fmaml.Auto(budget_bytes=2**30))  # doctest: +SKIP
@@ -149,10 +152,20 @@ class Auto:
 
     budget_bytes: int | None = None
     max_snapshots: int | None = None
+    graph_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_bytes("Auto", "budget_bytes", self.budget_bytes)
         _check_count("Auto", "max_snapshots", self.max_snapshots, "Leave it None for no bound.")
+        if self.graph_bytes is not None and (
+            isinstance(self.graph_bytes, bool)
+            or not isinstance(self.graph_bytes, int)
+            or self.graph_bytes < 0
+        ):
+            raise ValueError(
+                f"Auto: `graph_bytes` must be an int >= 0 or None (measured), got "
+                f"{self.graph_bytes!r}."
+            )
 
     @property
     def budget(self) -> int:

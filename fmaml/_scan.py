@@ -36,7 +36,7 @@ from torch._functorch.pyfunctorch import coerce_cinterpreter
 from fmaml import _forward
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
-from fmaml._footprint import measured, sampled_graph_bytes
+from fmaml._footprint import batch_factor, measured, sampled_graph_bytes
 from fmaml._policy import Auto, Policy, resolve_policy
 from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._tree import Spec, describe_leaf, flatten, leaf_paths, unflatten
@@ -150,23 +150,51 @@ def _count(attr: str, n: int = 1) -> None:
         setattr(stats, attr, getattr(stats, attr) + n)
 
 
-def _peak(
-    stored: dict[int, Leaves], current: Leaves | None, inputs: Sequence[torch.Tensor]
-) -> None:
-    """Record the live carries (the snapshots and the working carry) and the bytes they hold
-    beyond the scan's inputs (when recording)."""
-    if not _RECORDERS:
-        return
-    skip = {id(t) for t in inputs}
-    carries = list(stored.values())
-    if current is not None and all(current is not c for c in carries):
-        carries.append(current)
-    unique = {id(t): t for leaves in carries for t in leaves if id(t) not in skip}
-    held_bytes = sum(_nbytes(t) for t in unique.values())
-    live = len(carries)
-    for stats in _RECORDERS:
-        stats.max_live_snapshots = max(stats.max_live_snapshots, live)
-        stats.max_held_bytes = max(stats.max_held_bytes, held_bytes)
+class _Held:
+    """The carries a checkpointed scan holds (its snapshots and the working carry), for
+    :func:`record_scan`: the live count and the bytes beyond the scan's inputs, kept up to date
+    at each change in time proportional to one carry, never to the snapshots held."""
+
+    def __init__(self, stored: dict[int, Leaves], inputs: Sequence[torch.Tensor]) -> None:
+        self.skip = {id(t) for t in inputs}
+        self.refs: dict[int, int] = {}  # tensor id -> how many snapshots hold it
+        self.snapshots: dict[int, int] = {}  # id of a snapshot's leaf list -> times stored
+        self.count = 0  # snapshots held
+        self.bytes = 0
+        for leaves in stored.values():
+            self.add(leaves)
+
+    def add(self, leaves: Leaves) -> None:
+        self.snapshots[id(leaves)] = self.snapshots.get(id(leaves), 0) + 1
+        self.count += 1
+        for t in leaves:
+            if id(t) not in self.skip:
+                if id(t) not in self.refs:
+                    self.bytes += _nbytes(t)
+                self.refs[id(t)] = self.refs.get(id(t), 0) + 1
+
+    def remove(self, leaves: Leaves) -> None:
+        self.snapshots[id(leaves)] -= 1
+        self.count -= 1
+        if not self.snapshots[id(leaves)]:
+            del self.snapshots[id(leaves)]
+        for t in leaves:
+            if id(t) in self.refs:
+                self.refs[id(t)] -= 1
+                if not self.refs[id(t)]:
+                    del self.refs[id(t)]
+                    self.bytes -= _nbytes(t)
+
+    def observe(self, current: Leaves | None) -> None:
+        """Record the peak with ``current`` as the working carry."""
+        live, held = self.count, self.bytes
+        if current is not None and id(current) not in self.snapshots:
+            live += 1
+            new = {id(t): t for t in current if id(t) not in self.skip and id(t) not in self.refs}
+            held += sum(_nbytes(t) for t in new.values())
+        for stats in _RECORDERS:
+            stats.max_live_snapshots = max(stats.max_live_snapshots, live)
+            stats.max_held_bytes = max(stats.max_held_bytes, held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +264,7 @@ class _Call:
     f: Callable[..., Any]
     length: int
     init_spec: Spec
-    init_paths: list[str]
+    init: Any  # the initial carry as given, for the paths in error messages
     xs_spec: Spec | None
     consts_spec: Spec | None
     n_init: int
@@ -267,19 +295,26 @@ class _Call:
         return leaves, y
 
     def check_carry(self, init: Leaves, new: Leaves) -> None:
-        for path, a, b in zip(self.init_paths, init, new, strict=True):
-            if not isinstance(b, torch.Tensor):
-                raise TypeError(
-                    f"fmaml.scan: `f` returned a non-tensor carry leaf {path} = "
-                    f"{describe_leaf(b)}; every carry leaf must be a tensor (use None for an "
-                    "empty slot)."
-                )
-            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-                raise TypeError(
-                    f"fmaml.scan: the carry component {path} has type {describe_leaf(a)} on "
-                    f"{a.device} in `init` but `f` returned {describe_leaf(b)} on {b.device}. "
-                    "The carry must keep its shapes, dtypes and devices: cast inside `f`."
-                )
+        for j, (a, b) in enumerate(zip(init, new, strict=True)):
+            same = isinstance(b, torch.Tensor) and (
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            )
+            if not same:
+                self._bad_carry(leaf_paths(self.init, "carry")[j], a, b)
+
+    @staticmethod
+    def _bad_carry(path: str, a: torch.Tensor, b: Any) -> None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(
+                f"fmaml.scan: `f` returned a non-tensor carry leaf {path} = "
+                f"{describe_leaf(b)}; every carry leaf must be a tensor (use None for an "
+                "empty slot)."
+            )
+        raise TypeError(
+            f"fmaml.scan: the carry component {path} has type {describe_leaf(a)} on "
+            f"{a.device} in `init` but `f` returned {describe_leaf(b)} on {b.device}. "
+            "The carry must keep its shapes, dtypes and devices: cast inside `f`."
+        )
 
     def x_at(self, xs: Leaves, i: int) -> Leaves:
         return [leaf[i] for leaf in xs]
@@ -292,6 +327,8 @@ class _Call:
 
 def _check_leaves(tree: Any, name: str) -> tuple[Leaves, Spec]:
     leaves, spec = flatten(tree)
+    if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return leaves, spec
     for path, leaf in zip(leaf_paths(tree, name), leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -345,7 +382,7 @@ def _build_call(
         f=f,
         length=length,
         init_spec=init_spec,
-        init_paths=leaf_paths(init, "carry"),
+        init=init,
         xs_spec=xs_spec,
         consts_spec=consts_spec,
         n_init=len(init_leaves),
@@ -513,6 +550,12 @@ def _auto(call: _Call, policy: Auto, init: Leaves, xs: Leaves, consts: Leaves) -
     else checkpoint with the snapshots the rest of the budget buys."""
     inputs = [*init, *xs, *consts]
     x0 = call.x_at(xs, 0)
+    if policy.graph_bytes is not None:  # known: scaled by the vmap batch, nothing measured
+        graph = policy.graph_bytes * max([batch_factor(t) for t in init] or [1])
+        if policy.keeps_graphs(call.length, _carry_bytes(init), graph):
+            _choice(call, policy, None, init, graph)
+            return _store_all(call, init, xs, consts)
+        return _checkpointed(call, policy, init, xs, consts, graph_bytes=graph)
     if not transforms_active():
         # Plain autograd: step 0 runs for real, its graph measured on the way. Kept if every
         # graph fits; otherwise its result, detached, starts the checkpointed scan.
@@ -800,7 +843,8 @@ def _store_refs(
                 extra.append(leaf)
             refs.append(where[id(leaf)])
         static.refs[index] = refs
-    _peak(stored, None, flat[: static.n_in])  # c1 is an input of the Function, not of the scan
+    if _RECORDERS:  # c1 is an input of the Function, not of the scan
+        _Held(stored, flat[: static.n_in]).observe(None)
     for stats in _RECORDERS:
         stats.plans.append(static.plan)
     return extra
@@ -830,36 +874,49 @@ def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 class _NoGraph(torch.autograd.Function):
-    """Identity whose derivative raises: marks a gradient computed without a graph."""
+    """Identity whose derivative raises: marks gradients computed without a graph."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(value: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return value.clone()
+    def forward(who: str, anchor: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(v.clone() for v in values)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
+        ctx.who = inputs[0]
+        if _forward.forward_mode():
+            ctx.save_for_forward(*inputs[2:])
 
     @staticmethod
-    def jvp(ctx: Any, d_value: torch.Tensor | None, d_anchor: Any) -> torch.Tensor | None:
-        return d_value
+    def jvp(ctx: Any, d_who: None, d_anchor: Any, *d_values: Any) -> tuple[torch.Tensor, ...]:
+        # forward over reverse differentiates such gradients as they are computed (fmaml._forward)
+        values = ctx.saved_tensors
+        pairs = zip(values, d_values, strict=True)
+        return tuple(torch.zeros_like(v) if d is None else d for v, d in pairs)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         raise RuntimeError(
-            "fmaml.scan: a gradient computed through a checkpointed scan without a graph is being "
-            "differentiated again at the same level (torch.autograd.grad(..., create_graph=True) "
-            "inside torch.func.grad?). Nest torch.func transforms instead (jacrev(grad(f))), "
+            f"{ctx.who} without a graph is being differentiated again at the same level "
+            "(torch.autograd.grad(..., create_graph=True) inside torch.func.grad?). Nest "
+            "torch.func transforms instead (jacrev(grad(f))), "
             "differentiate with plain autograd and create_graph=True outside torch.func, or use "
             "checkpoint='store_all'."
         )
 
 
-def _guard(anchor: torch.Tensor) -> Callable[[Leaves], Leaves]:
+def _guard(
+    anchor: torch.Tensor, who: str = "fmaml.scan: a gradient computed through a checkpointed scan"
+) -> Callable[[Leaves], Leaves]:
+    """Wrap gradients in one :class:`_NoGraph` node (the ``None`` ones stay ``None``)."""
+
     def apply(grads: Leaves) -> Leaves:
-        return [None if g is None else _NoGraph.apply(g, anchor) for g in grads]
+        where = [j for j, g in enumerate(grads) if g is not None]
+        if not where:
+            return list(grads)
+        guarded = _NoGraph.apply(who, anchor, *(grads[j] for j in where))
+        return _put(list(grads), where, guarded)
 
     return apply
 
@@ -909,7 +966,7 @@ class _Backward:
         ct_c: list[torch.Tensor | None] = list(self.ct_carry)
         g_steps: list[Leaves | None] = [None] * n
         g_consts: list[torch.Tensor | None] = [None] * call.n_consts
-        inputs = [*self.init, *self.xs, *self.consts]
+        held = _Held(stored, [*self.init, *self.xs, *self.consts]) if _RECORDERS else None
         with preserve_rng(static.devices):
             rng[n - 1].restore()
             for action in static.plan.backward:
@@ -923,15 +980,20 @@ class _Backward:
                     for i in range(action.start, action.stop):
                         current, _ = call.call_step(i, current, self.xs, self.consts)
                     _count("recomputations", action.stop - action.start)
-                    _peak(stored, current, inputs)  # the working carry may be no snapshot
+                    if held is not None:  # the working carry may be no snapshot
+                        held.observe(current)
                 elif isinstance(action, sch.Restore):
                     current = stored[action.index]
                     rng[action.index].restore()
                 elif isinstance(action, sch.Snapshot):
                     stored[action.index] = current
                     rng[action.index] = RngState.capture(static.devices)
-                    _peak(stored, current, inputs)
+                    if held is not None:
+                        held.add(current)
+                        held.observe(current)
                 elif isinstance(action, sch.Free):
+                    if held is not None:
+                        held.remove(stored[action.index])
                     del stored[action.index]
         g_init = [
             None if not _differentiable(t) else _zero_if_none(g, t)

@@ -158,9 +158,21 @@ def _flag(owner: str, name: str, value: Any) -> bool:
 
 
 def _map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    if _flat_dicts(tree, *rest):  # the common case, {name: tensor}s, without optree's round trip
+        return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
     leaves, spec = flatten(tree)
     others = [flatten(r)[0] for r in rest]
     return unflatten(spec, [fn(*args) for args in zip(leaves, *others, strict=True)])
+
+
+def _flat_dicts(tree: Any, *rest: Any) -> bool:
+    """Whether every argument is a dict with the same keys and ``tree``'s values are tensors
+    (then a leaf-by-leaf map needs no flattening: it pairs values by key)."""
+    return (
+        type(tree) is dict
+        and all(type(r) is dict and r.keys() == tree.keys() for r in rest)
+        and all(isinstance(v, torch.Tensor) for v in tree.values())
+    )
 
 
 def _zeros(params: Params) -> Updates:
@@ -174,6 +186,8 @@ def _count0(params: Params) -> torch.Tensor:
 
 
 def _check_same(owner: str, a: Any, a_name: str, b: Any, b_name: str) -> None:
+    if _flat_dicts(a, b):
+        return
     spec_a, spec_b = flatten(a)[1], flatten(b)[1]
     if spec_a != spec_b:
         raise ValueError(
@@ -228,12 +242,42 @@ def scale(factor: float) -> GradientTransformation:
     Example:
         >>> opt = fmaml.optim.chain(fmaml.optim.clip_by_global_norm(1.0), fmaml.optim.scale(-0.1))
     """
-    factor = _number("scale", "factor", factor)
+    return GradientTransformation(
+        lambda params: EmptyState(), _Scale(_number("scale", "factor", factor))
+    )
 
-    def update(updates, state, params=None, hyper=None):
-        return _map(lambda u: factor * u, updates), state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+class _Scale:
+    """:func:`scale`'s update, ``u ← factor · u``; a class so that :func:`update_and_apply` can
+    recognise it and fuse it with the parameter update."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params = None, hyper: Hyper = None
+    ) -> tuple[Updates, OptState]:
+        return _map(lambda u: self.factor * u, updates), state
+
+
+def update_and_apply(
+    opt: GradientTransformation,
+    grads: Updates,
+    state: OptState,
+    params: Params,
+    hyper: Hyper = None,
+) -> tuple[Params, OptState]:
+    """``apply_updates(params, updates)`` after ``opt.update``: one optimizer step.
+
+    For :func:`sgd` (and :func:`scale`) the two are fused into one ``torch.add(θ, g,
+    alpha=-lr)`` per leaf, which halves the operations of the step and of its graph (MAML
+    differentiates through it); the result is the same up to float rounding.
+    """
+    if isinstance(opt.update, _Scale) and _flat_dicts(params, grads):
+        factor = opt.update.factor
+        return {n: torch.add(p, grads[n], alpha=factor) for n, p in params.items()}, state
+    updates, state = opt.update(grads, state, params, hyper)
+    return apply_updates(params, updates), state
 
 
 def add_decayed_weights(weight_decay: float) -> GradientTransformation:
