@@ -575,7 +575,9 @@ class MAML:
         checkpoint: Any,
     ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
         n = next(iter(adapted.values())).shape[0]
-        state = vmap(self.inner_opt.init)(adapted)
+        state = self.inner_opt.init(adapted)
+        if flatten(state)[0]:  # a state per task (Adam's step count, say): init under vmap
+            state = vmap(self.inner_opt.init)(adapted)
         stats = {name: t.expand(n, *t.shape) for name, t in self._initial_stats().items()}
         init = (adapted, state, stats)
         if per_step:
@@ -615,10 +617,13 @@ class MAML:
         )
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
-        new, state = vmap(
-            lambda g, st, p: optim.update_and_apply(self.inner_opt, g, st, p, hyper),
-            randomness=self.randomness,
-        )(grads, state, adapted)
+        if optim.elementwise(self.inner_opt):  # the same on a batch of tasks as on each
+            new, state = optim.update_and_apply(self.inner_opt, grads, state, adapted, hyper)
+        else:
+            new, state = vmap(
+                lambda g, st, p: optim.update_and_apply(self.inner_opt, g, st, p, hyper),
+                randomness=self.randomness,
+            )(grads, state, adapted)
         stats = {name: updated.get(name, t) for name, t in stats.items()}
         return (new, state, stats), losses.detach()
 
