@@ -253,6 +253,24 @@ class MAML:
             check_tracked(self.model, "MAML.loss")
         return self._query(params, batch, extras=False)[0]
 
+    def footprint(
+        self, params: Params, tasks: Tasks, *, per_step: bool = False, hyper: Any = None
+    ) -> TaskFootprint:
+        """What one task holds: its inner step's and query pass's autograd graphs, its carry.
+
+        Measured once per shape on the first task (the saved-tensor bytes of one inner step and
+        of one query loss, beyond their inputs; ``fmaml._footprint``), and cached: it is what
+        ``batching="auto"`` and ``checkpoint="auto"`` decide from. ``k`` steps with every graph
+        kept hold about ``k * (step_bytes + carry_bytes)`` plus the query graph.
+
+        Example:
+            >>> fp = maml.footprint(params, tasks)  # doctest: +SKIP
+            >>> fp.step_bytes / 2**20, fp.query_bytes / 2**20  # MiB  # doctest: +SKIP
+        """
+        self._check_tasks(params, tasks, 1, per_step, "footprint")
+        self._check_hyper(params, hyper, "footprint")
+        return self._footprint(params, tasks.support, tasks.query, per_step, hyper)
+
     def predict(self, params: Params, x: Any, *, batched: bool = False) -> Any:
         """The model's outputs on ``x`` at ``params``, under fmaml's BatchNorm convention.
 
