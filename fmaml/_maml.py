@@ -253,6 +253,20 @@ class MAML:
             check_tracked(self.model, "MAML.loss")
         return self._query(params, batch, extras=False)[0]
 
+    def batching_for(
+        self, params: Params, tasks: Tasks, k: int, *, per_step: bool = False, hyper: Any = None
+    ) -> Batching:
+        """How a call with these arguments runs its tasks: ``batching``, or for ``"auto"`` its
+        choice from :meth:`footprint` (``mode`` ``"loop"`` or ``"vmap"``, ``chunk``, ``reason``).
+
+        Example:
+            >>> maml.batching_for(params, tasks, 5).mode  # doctest: +SKIP
+            'vmap'
+        """
+        n_tasks = self._check_tasks(params, tasks, k, per_step, "batching_for")
+        self._check_hyper(params, hyper, "batching_for")
+        return self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+
     def footprint(
         self, params: Params, tasks: Tasks, *, per_step: bool = False, hyper: Any = None
     ) -> TaskFootprint:
