@@ -51,6 +51,7 @@ TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 #: Every way of batching tasks; with T=3 tasks, ``task_chunk=2`` makes a chunk of 2 and one of 1.
 BATCHINGS = {
+    "auto": {},
     "vmap": {"batching": "vmap"},
     "vmap-chunk2": {"batching": "vmap", "task_chunk": 2},
     "loop": {"batching": "loop"},

@@ -235,9 +235,10 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option(
         "--batching",
         "batching",
-        "tasks vectorised (vmap) or one by one (loop)",
+        "tasks vectorised (vmap), one by one (loop), or chosen from the model and the device "
+        "(auto: fmaml.MAML's default)",
         _META,
-        choices=("vmap", "loop"),
+        choices=("auto", "vmap", "loop"),
     ),
     Option("--width", "width", "hidden width of the model", _META, int_at_least(1)),
     Option(
