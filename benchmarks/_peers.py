@@ -9,8 +9,9 @@ loss), so the gradients must agree up to float rounding.
 
 Libraries and options:
 
-- ``"fmaml"``: :class:`fmaml.MAML` ``.meta_grad``; ``policy`` (``"store_all"``, ``"sqrt"``,
-  ``"binomial"``, ``"auto"``), ``batching`` (``"vmap"``, ``"loop"``), ``task_chunk``.
+- ``"fmaml"``: :class:`fmaml.MAML`; ``policy`` (``"store_all"``, ``"sqrt"``, ``"binomial"``,
+  ``"auto"``), ``batching`` (``"auto"``, ``"vmap"``, ``"loop"``), ``task_chunk`` (each left out
+  when None: the defaults), ``route`` (``"meta_grad"``, ``"grad"``, ``"backward"``).
 - ``"torch.func"``: the plain unroll, ``torch.func.grad`` over a Python loop of
   ``torch.func.grad`` steps; ``batching="vmap"`` (``vmap`` over tasks, one ``grad``) or
   ``"loop"`` (one ``grad`` per task, accumulated).
@@ -80,22 +81,68 @@ def _leaf_grads(model: torch.nn.Module) -> Grads:
 
 
 def fmaml_run(
-    wl: Workload, policy: str = "auto", batching: str = "vmap", task_chunk: int | None = None
+    wl: Workload,
+    policy: str | None = None,
+    batching: str | None = None,
+    task_chunk: int | None = None,
+    route: str = "meta_grad",
 ) -> Run:
+    """fmaml's meta-gradient; options left None are not passed (``fmaml.MAML``'s defaults).
+
+    ``route``: ``"meta_grad"`` (:meth:`fmaml.MAML.meta_grad`), ``"grad"``
+    (``torch.func.grad(maml.unrolled_loss)`` on ``fmaml.params(model)``) or ``"backward"``
+    (``maml.unrolled_loss(dict(model.named_parameters()), ...).backward()``). The returned
+    ``run`` records what fmaml chose (batching, snapshots, step evaluations per step) in
+    ``run.choice`` after each call.
+    """
+    options = {"checkpoint": policy, "batching": batching, "task_chunk": task_chunk}
     maml = fmaml.MAML(
         wl.model,
         loss_fn,
         inner_lr=wl.lr,
-        checkpoint=policy,
-        batching=batching,
-        task_chunk=task_chunk,
+        **{name: value for name, value in options.items() if value is not None},
     )
     params = fmaml.params(wl.model)
+    named = dict(wl.model.named_parameters())
+
+    def call() -> tuple[torch.Tensor, Grads]:
+        if route == "meta_grad":
+            return maml.meta_grad(params, wl.tasks, wl.k)
+        if route == "grad":
+            grads, loss = grad_and_value(maml.unrolled_loss)(params, wl.tasks, wl.k)
+            return loss, grads
+        if route != "backward":
+            raise ValueError(f"fmaml: route must be meta_grad, grad or backward, got {route!r}")
+        wl.model.zero_grad(set_to_none=True)
+        loss = maml.unrolled_loss(named, wl.tasks, wl.k)
+        loss.backward()
+        return loss.detach(), _leaf_grads(wl.model)
 
     def run() -> tuple[torch.Tensor, Grads]:
-        return maml.meta_grad(params, wl.tasks, wl.k)
+        with fmaml.record_scan() as stats:
+            out = call()
+        run.choice = describe_choice(stats, wl.k)
+        return out
 
+    run.choice = {}
     return run
+
+
+def describe_choice(stats: fmaml.ScanStats, k: int) -> dict[str, str]:
+    """What fmaml ran: its batching, snapshots ("all graphs" when every graph was kept) and
+    step evaluations per inner step (with or without a graph, forward and backward)."""
+    out: dict[str, str] = {}
+    if stats.batching:
+        run = stats.batching[0]
+        out["batching"] = run.mode + (f" chunks of {run.chunk}" if run.chunk else "")
+    if stats.scans:
+        scan = stats.scans[0]
+        if scan.plan is None:
+            out["snapshots"], out["evals_per_step"] = "all graphs", "1.00"
+        else:
+            evals = 2 * k + scan.plan.evaluations - (k - 1)
+            out["snapshots"], out["evals_per_step"] = str(scan.plan.snapshots), f"{evals / k:.2f}"
+    return out
 
 
 def torch_func_run(wl: Workload, batching: str = "loop") -> Run:

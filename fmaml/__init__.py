@@ -5,12 +5,13 @@ schedules), which composes with ``torch.func.grad``, ``vmap``, ``jacrev`` and pl
 """
 
 from fmaml import data, optim
+from fmaml._batching import TaskFootprint
 from fmaml._compile import Compile
 from fmaml._functional import load_params, params
 from fmaml._imaml import IMAMLInfo, imaml_adapt, imaml_grad
 from fmaml._maml import MAML, reptile_direction
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
-from fmaml._scan import ScanStats, record_scan, scan
+from fmaml._scan import ScanChoice, ScanStats, record_scan, scan
 from fmaml._schedule import Plan, binomial_cost, binomial_plan, uniform_plan
 from fmaml._typing import MetaAux, Tasks
 
@@ -23,8 +24,10 @@ __all__ = [
     "MetaAux",
     "Plan",
     "Policy",
+    "ScanChoice",
     "ScanStats",
     "StoreAll",
+    "TaskFootprint",
     "Tasks",
     "Uniform",
     "binomial_cost",

@@ -263,6 +263,38 @@ class MAML:
             check_tracked(self.model, "MAML.loss")
         return self._query(params, batch, extras=False)[0]
 
+    def batching_for(
+        self, params: Params, tasks: Tasks, k: int, *, per_step: bool = False, hyper: Any = None
+    ) -> Batching:
+        """How a call with these arguments runs its tasks: ``batching``, or for ``"auto"`` its
+        choice from :meth:`footprint` (``mode`` ``"loop"`` or ``"vmap"``, ``chunk``, ``reason``).
+
+        Example:
+            >>> maml.batching_for(params, tasks, 5).mode  # doctest: +SKIP
+            'vmap'
+        """
+        n_tasks = self._check_tasks(params, tasks, k, per_step, "batching_for")
+        self._check_hyper(params, hyper, "batching_for")
+        return self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+
+    def footprint(
+        self, params: Params, tasks: Tasks, *, per_step: bool = False, hyper: Any = None
+    ) -> TaskFootprint:
+        """What one task holds: its inner step's and query pass's autograd graphs, its carry.
+
+        Measured once per shape on the first task (the saved-tensor bytes of one inner step and
+        of one query loss, beyond their inputs; ``fmaml._footprint``), and cached: it is what
+        ``batching="auto"`` and ``checkpoint="auto"`` decide from. ``k`` steps with every graph
+        kept hold about ``k * (step_bytes + carry_bytes)`` plus the query graph.
+
+        Example:
+            >>> fp = maml.footprint(params, tasks)  # doctest: +SKIP
+            >>> fp.step_bytes / 2**20, fp.query_bytes / 2**20  # MiB  # doctest: +SKIP
+        """
+        self._check_tasks(params, tasks, 1, per_step, "footprint")
+        self._check_hyper(params, hyper, "footprint")
+        return self._footprint(params, tasks.support, tasks.query, per_step, hyper)
+
     def predict(self, params: Params, x: Any, *, batched: bool = False) -> Any:
         """The model's outputs on ``x`` at ``params``, under fmaml's BatchNorm convention.
 
@@ -587,7 +619,9 @@ class MAML:
         checkpoint: Any,
     ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
         n = next(iter(adapted.values())).shape[0]
-        state = vmap(self.inner_opt.init)(adapted)
+        state = self.inner_opt.init(adapted)
+        if flatten(state)[0]:  # a state per task (Adam's step count, say): init under vmap
+            state = vmap(self.inner_opt.init)(adapted)
         stats = {name: t.expand(n, *t.shape) for name, t in self._initial_stats().items()}
         init = (adapted, state, stats)
         if per_step:
@@ -629,10 +663,13 @@ class MAML:
         )
         if self.first_order:
             grads = {name: g.detach() for name, g in grads.items()}
-        new, state = vmap(
-            lambda g, st, p: optim.update_and_apply(self.inner_opt, g, st, p, hyper),
-            randomness=self.randomness,
-        )(grads, state, adapted)
+        if optim.elementwise(self.inner_opt):  # the same on a batch of tasks as on each
+            new, state = optim.update_and_apply(self.inner_opt, grads, state, adapted, hyper)
+        else:
+            new, state = vmap(
+                lambda g, st, p: optim.update_and_apply(self.inner_opt, g, st, p, hyper),
+                randomness=self.randomness,
+            )(grads, state, adapted)
         stats = {name: updated.get(name, t) for name, t in stats.items()}
         return (new, state, stats), losses.detach()
 

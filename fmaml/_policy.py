@@ -51,8 +51,7 @@ def _log2_snapshots(length: int) -> int:
 class StoreAll:
     """Keep every step's autograd graph: no recomputation, memory linear in the length.
 
-    The fastest policy when memory allows, and the only one that supports forward-mode AD
-    (``jvp``, ``jacfwd``): the scan is then a plain Python loop.
+    The fastest policy when memory allows: the scan is then a plain Python loop.
     """
 
     def stores_all(self, length: int) -> bool:

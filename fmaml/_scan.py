@@ -10,6 +10,10 @@ When a further derivative will be taken of the gradient (``jacrev(grad(...))``,
 recomputation from the saved inputs with a graph: exact to any order, with the memory of
 ``store_all``. Where no further derivative is expected but the gradient is still recorded (every
 ``torch.func.grad`` records), the gradient carries a guard that raises if it is differentiated.
+
+Forward mode (``fmaml._forward``): alone, the scan is a loop of dual steps; the Function's
+``jvp`` rule carries the tangents step by step; and under a Jvp level the backward runs on dual
+tensors, the snapshots re-taken with their tangents (forward over reverse).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch._C._functorch import (
 )
 from torch._functorch.pyfunctorch import coerce_cinterpreter
 
-from fmaml import _compile, _compiled_pieces
+from fmaml import _compile, _compiled_pieces, _forward
 from fmaml import _schedule as sch
 from fmaml._autodiff import transforms_active, vjp_plain
 from fmaml._footprint import batch_factor, measured, sampled_graph_bytes
@@ -66,6 +70,8 @@ class ScanStats:
         forward_evaluations: steps evaluated without a graph in forward passes.
         recomputations: steps evaluated again without a graph in backward passes.
         graph_evaluations: steps evaluated with a graph (one per step and backward pass).
+        tangent_evaluations: steps evaluated with tangents by forward-mode AD (``jvp``,
+            ``jacfwd``; see ``fmaml._forward``), which stores nothing for them.
         max_live_snapshots: most carries held at once: the snapshots (the initial carry counts
             as one) plus the working carry when it is not itself a snapshot.
         max_held_bytes: most bytes of carries the scans held beyond their inputs (snapshots and
@@ -82,6 +88,7 @@ class ScanStats:
     forward_evaluations: int = 0
     recomputations: int = 0
     graph_evaluations: int = 0
+    tangent_evaluations: int = 0
     max_live_snapshots: int = 0
     max_held_bytes: int = 0
     sample_evaluations: int = 0
@@ -490,7 +497,11 @@ def scan(
 
     With ``length`` 0, ``f`` is evaluated once without a graph (on zeros of the ``xs`` slice
     shapes) to learn the structure of ``ys``, which come back with a leading size 0; the carry is
-    ``init`` itself. Forward-mode AD (``jvp``, ``jacfwd``) needs ``checkpoint="store_all"``.
+    ``init`` itself.
+
+    Forward mode works under every policy (``jvp``, ``jacfwd``, ``hessian``, ``jvp(grad(...))``;
+    ``fmaml._forward``): alone it stores nothing, whatever the policy; over a reverse pass it keeps
+    the policy's snapshots, with their tangents.
 
     Inside a function that ``torch.compile`` traces, a scan whose policy keeps every graph
     (``store_all``) traces as the plain loop; a checkpointed scan breaks the graph.
@@ -513,9 +524,12 @@ def scan(
     call, init_leaves, xs_leaves, consts_leaves = _build_call(f, init, xs, length, consts, compiled)
     if call.length == 0:
         return _empty_scan(call, init, init_leaves, xs_leaves, consts_leaves)
+    if _forward.forward_only([*init_leaves, *xs_leaves, *consts_leaves]):
+        return _forward.forward_scan(call, init_leaves, xs_leaves, consts_leaves)
     if policy.stores_all(call.length) or _nested():
         _choice(call, policy, None)
         return _store_all(call, init_leaves, xs_leaves, consts_leaves)
+    _forward.refuse_plain_duals([*init_leaves, *xs_leaves, *consts_leaves])
     if isinstance(policy, Auto):
         return _auto(call, policy, init_leaves, xs_leaves, consts_leaves)
     return _checkpointed(call, policy, init_leaves, xs_leaves, consts_leaves)
@@ -638,26 +652,20 @@ def _unroll(
     return carry, _stack_ys(call, ys, spec)
 
 
-_NO_FORWARD_MODE = (
-    "fmaml.scan: forward-mode AD (torch.func.jvp, jacfwd) is not supported through a "
-    "checkpointed scan. Use checkpoint='store_all' (a plain unrolled loop) for forward mode."
-)
-
-
 class _ClosureError(ValueError):
     """``f`` closes over a tensor that is being differentiated (a checkpointed scan refuses)."""
 
 
 _CLOSURE = (
     "fmaml.scan: `f` closes over a tensor that is being differentiated (it requires grad, "
-    "or an enclosing torch.func transform tracks it): its gradient through a checkpointed "
-    "scan would be lost. Pass it explicitly, as `consts=` (f(carry, x, consts)) or as part "
-    "of the carry, or use checkpoint='store_all'."
+    "or an enclosing torch.func transform tracks it, in reverse or forward mode): its "
+    "derivative through a checkpointed scan would be lost. Pass it explicitly, as `consts=` "
+    "(f(carry, x, consts)) or as part of the carry, or use checkpoint='store_all'."
 )
 
 
 def _check_no_closure(c1: Leaves, y0: Leaves) -> None:
-    if any(_tracked(t) for t in (*c1, *y0)):
+    if any(_tracked(t) or _forward.has_tangent(t) for t in (*c1, *y0)):
         raise _ClosureError(_CLOSURE)
 
 
@@ -749,8 +757,6 @@ def _checkpointed(
     consts: Leaves,
     graph_bytes: int | None = None,
 ) -> tuple[Any, Any]:
-    if any(i.key() == TransformType.Jvp for i in get_interpreter_stack() or ()):
-        raise NotImplementedError(_NO_FORWARD_MODE)
     devices = cuda_devices([*init, *xs, *consts])
     rng0 = RngState.capture(devices)
     # Step 0 runs here, at the caller's level, on untracked aliases of the inputs: it validates
@@ -793,6 +799,7 @@ def _apply_checkpointed(
     plan = policy.plan(call.length, _carry_bytes(c1), graph_bytes)  # physical bytes
     _choice(call, policy, plan, c1, graph_bytes)
     static = _Static(call, plan, y_spec, [_differentiable(t) for t in y0], rng0, rng0.devices)
+    static.retake = _forward.backward_under_forward_mode()
     out = _ScanFunction.apply(static, *init, *xs, *consts, *c1, *y0)
     carry = unflatten(call.init_spec, out[: call.n_init])
     ys = unflatten(y_spec, out[call.n_init : call.n_init + len(y0)])
@@ -816,6 +823,7 @@ class _Static:
     # filled by forward: where each stored carry leaf lives ("in", i) or ("out", i)
     refs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     rng: dict[int, RngState] = field(default_factory=dict)
+    retake: bool = False  # the backward re-takes the snapshots, with tangents (fmaml._forward)
 
     @property
     def n_y(self) -> int:
@@ -870,6 +878,8 @@ class _ScanFunction(torch.autograd.Function):
             final, y = call.no_graph_step(last, current, call.x_at(xs, last), consts)
             ys.append(_y_spec(y, last, static.y_spec)[0])
             _count("forward_evaluations")
+        if static.retake:  # snapshots without tangents would be of no use to that backward
+            stored.clear()
         outputs = [*final, *(torch.stack(col) for col in zip(*ys, strict=True))]
         # A carry leaf that `f` passes through unchanged (a learning rate riding in the carry) is
         # an input; autograd refuses to save an input returned as-is, so return a view of it.
@@ -887,7 +897,12 @@ class _ScanFunction(torch.autograd.Function):
         ctx.static = static
         ctx.slots = {("in", i): k for k, i in enumerate(ins)}
         ctx.slots.update({("out", i): len(ins) + k for k, i in enumerate(outs)})
-        ctx.save_for_backward(*(flat[i] for i in ins), *(output[i] for i in outs))
+        saved = (*(flat[i] for i in ins), *(output[i] for i in outs))
+        ctx.save_for_backward(*saved)
+        if _forward.forward_mode():
+            # the same tensors: under vmap both calls share one record of batch dimensions
+            ctx.save_for_forward(*saved)
+        ctx.n_outputs = len(output)
         n_main = static.call.n_init + static.n_y
         extra = output[n_main:]
         ints = [t for t in output[:n_main] if not _differentiable(t)]
@@ -908,14 +923,18 @@ class _ScanFunction(torch.autograd.Function):
         _, need_xs, need_consts = static.split(needs)
         args = _Backward(static, init, xs, consts, need_xs, need_consts, ct_carry, ct_ys)
         present = [g for g in grads if g is not None]
+        _forward.refuse_plain_duals([*saved, *present])
         if _needs_graph([*saved, *present]):
             g_init, g_xs, g_consts = args.exact()
         else:
-            stored = {
-                index: [saved[ctx.slots[ref]] for ref in refs]
-                for index, refs in static.refs.items()
-            }
-            with torch.no_grad():
+            with torch.no_grad(), _forward.explain_pytorch_bugs():
+                if static.retake or _forward.forward_mode():  # snapshots with tangents
+                    stored = _forward.resweep(static, init, xs, consts)
+                else:
+                    stored = {
+                        index: [saved[ctx.slots[ref]] for ref in refs]
+                        for index, refs in static.refs.items()
+                    }
                 g_init, g_xs, g_consts = args.checkpointed(stored)
             # Anything the current level tracks: a constant cotangent (the gradient of a sum)
             # does not, but the inputs being differentiated always do.
@@ -927,8 +946,15 @@ class _ScanFunction(torch.autograd.Function):
         return (None, *g_init, *g_xs, *g_consts, *([None] * n_rest))
 
     @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:
-        raise NotImplementedError(_NO_FORWARD_MODE)
+    def jvp(ctx: Any, *tangents: Any) -> tuple[torch.Tensor | None, ...]:
+        """The forward-mode rule: the tangents of the carry and ys (``fmaml._forward``)."""
+        static: _Static = ctx.static
+        saved = ctx.saved_tensors
+        primals = static.split([saved[ctx.slots["in", i]] for i in range(static.n_in)])
+        dots = static.split(tangents[1 : 1 + static.n_in])
+        out = _forward.tangents(static, primals, dots)
+        extra = [saved[ctx.slots["out", i]] for i in range(len(out), ctx.n_outputs)]
+        return (*out, *_forward.extra_tangents(ctx, extra))
 
 
 def _store_refs(
@@ -962,16 +988,16 @@ def _needs_graph(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a derivative of the gradient being computed may be taken.
 
     Under plain autograd that is ``create_graph=True`` (grad mode on inside backward). Under
-    ``torch.func`` the innermost Grad level is the one asking; a second Grad/Jvp level above it, or
-    plain autograd tracking the inputs underneath, will differentiate the result again.
+    ``torch.func`` the innermost Grad level is the one asking; a second Grad level outside it, or
+    plain autograd tracking the inputs underneath, will differentiate the result again. A Jvp
+    level needs no graph: it differentiates the checkpointed backward as it runs
+    (``fmaml._forward``: forward over reverse).
     """
     stack = get_interpreter_stack()
-    levels = [
-        coerce_cinterpreter(i)
-        for i in stack or ()
-        if i.key() in (TransformType.Grad, TransformType.Jvp)
-    ]
+    levels = [coerce_cinterpreter(i) for i in stack or () if i.key() == TransformType.Grad]
     if not levels:
+        if any(i.key() == TransformType.Jvp for i in stack or ()):
+            return torch.is_grad_enabled() and any(_base(t).requires_grad for t in tensors)
         return torch.is_grad_enabled()
     # A level outside the innermost records only if grad mode was on when the next level was
     # entered (a scan's own backward enters its vjp levels under no_grad: nested scans stay cheap).
@@ -993,6 +1019,15 @@ class _NoGraph(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         ctx.who = inputs[0]
+        if _forward.forward_mode():
+            ctx.save_for_forward(*inputs[2:])
+
+    @staticmethod
+    def jvp(ctx: Any, d_who: None, d_anchor: Any, *d_values: Any) -> tuple[torch.Tensor, ...]:
+        # forward over reverse differentiates such gradients as they are computed (fmaml._forward)
+        values = ctx.saved_tensors
+        pairs = zip(values, d_values, strict=True)
+        return tuple(torch.zeros_like(v) if d is None else d for v, d in pairs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:

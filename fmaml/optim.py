@@ -260,6 +260,13 @@ class _Scale:
         return _map(lambda u: self.factor * u, updates), state
 
 
+def elementwise(opt: GradientTransformation) -> bool:
+    """Whether ``opt`` treats every entry of every leaf on its own (as :func:`sgd` and
+    :func:`scale` do), so that it gives the same on a batch of tasks stacked along a leading
+    dimension as on each task."""
+    return isinstance(opt.update, _Scale)
+
+
 def update_and_apply(
     opt: GradientTransformation,
     grads: Updates,

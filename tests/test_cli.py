@@ -57,22 +57,28 @@ def test_plan_table(capsys):
     assert list(rows) == ["store_all", "sqrt", "binomial", "auto"]
     store_all = rows["store_all"].split()
     assert store_all[1:6] == ["-", "0", "0", "100", "1.00"]
-    assert rows["store_all"].endswith("100 step graphs, over 687.9 KiB")
+    graph = _sinusoid_step_graph()
+    assert f"one step's graph {graph / 1024:.1f} KiB" in out.splitlines()[0]
+    kept = 100 * (graph + 7044) / 1024**2  # each graph and the carry its step started from
+    assert rows["store_all"].endswith(f"100 step graphs, {kept:.1f} MiB")
     binomial = rows["binomial"].split()
     assert rows["binomial"].startswith("* binomial:5")  # the default --policy is marked
     recomputed = fmaml.binomial_cost(100, 5) - 99
     per_step = (100 + recomputed + 100) / 100
     assert binomial[2:7] == ["5", "100", str(recomputed), "100", f"{per_step:.2f}"]
-    assert binomial[7:] == [f"{5 * 7044 / 1024:.1f}", "KiB"]
-    assert rows["auto"].split()[:2] == ["auto:5", "5"]
+    assert binomial[7:9] == [f"{5 * 7044 / 1024:.1f}", "KiB"]
+    assert rows["binomial"].endswith(f"+ one step graph {graph / 1024:.1f} KiB")
+    assert rows["auto"].split()[:2] == ["auto:5", "5"]  # at most 5 snapshots: it checkpoints
     assert "The plan of binomial:5 (*): 10 actions in the forward pass, " in out
 
 
 def test_plan_labels_are_spellings_and_the_snapshots_column_is_the_plans(capsys):
     """A label never states a snapshot count that the column contradicts (K=100: 99 used)."""
-    status, out, _ = _run(["plan", "-k", "100", "--policy", "auto"], capsys)
+    status, out, _ = _run(
+        ["plan", "-k", "100", "--policy", "auto", "--graph-bytes", "1000000"], capsys
+    )
     assert status == 0
-    auto = _rows(out)["auto"].split()
+    auto = _rows(out)["auto"].split()  # 100 graphs of 1 MB do not fit 64 MiB: snapshots
     assert auto[:4] == ["*", "auto", "99", "100"] and auto[6] == "2.00"
     status, out, _ = _run(["plan", "-k", "100", "--snapshots", "100"], capsys)
     assert _rows(out)["binomial"].split()[1:3] == ["binomial:100", "99"]
@@ -83,9 +89,9 @@ def test_plan_of_one_step(capsys):
     assert status == 0
     assert out.startswith("Checkpoint plans for 1 inner step; carry")
     assert "steps" not in out.splitlines()[0] and "1 step graphs" not in out
-    assert _rows(out)["auto"].startswith("* auto (plain loop)")
-    assert _rows(out)["auto"].endswith("1 step graph, over 6.9 KiB")
-    assert "auto (plain loop) (*) has no plan" in out
+    assert _rows(out)["auto"].startswith("* auto ")
+    assert "1 step graph, " in _rows(out)["auto"]
+    assert "auto (*) has no plan" in out
 
 
 def test_plan_conv4_auto_and_model_bytes(capsys):
@@ -93,8 +99,9 @@ def test_plan_conv4_auto_and_model_bytes(capsys):
     assert status == 0
     n = sum(p.numel() for p in _conv4().parameters())
     assert f"conv4-64, 20-way: {n:,} float32 parameters" in out
-    budget = 64 * 2**20 // (4 * n)  # the default Auto(): 64 MiB of snapshots
-    assert _rows(out)["auto"].split()[:3] == ["*", "auto", str(budget)]
+    graph = _conv4_step_graph()
+    # the default Auto(): 64 MiB for one step graph and the snapshots
+    assert _rows(out)["auto"].split()[:3] == ["*", "auto", str((64 * 2**20 - graph) // (4 * n))]
     status, out, _ = _run(["plan", "-k", "10", "--model-bytes", "1000", "--tasks", "4"], capsys)
     assert status == 0 and "carry 3.9 KiB (1,000 bytes (--model-bytes) x 4 tasks)" in out
 
@@ -103,6 +110,31 @@ def _conv4():
     from fmaml.app.jobs.omniglot import DEFAULTS, build_model
 
     return build_model(DEFAULTS)
+
+
+def _step_graph(model, x, y, loss) -> int:
+    """One inner step's graph, measured by hand (saved tensors beyond the parameters)."""
+    from fmaml._footprint import SavedBytes
+
+    p = {n: t.detach().requires_grad_() for n, t in model.named_parameters()}
+    with SavedBytes(list(p.values())) as saved:
+        value = loss(torch.func.functional_call(model, p, (x,)), y)
+        g = torch.autograd.grad(value, list(p.values()), create_graph=True)
+        [torch.add(t, gi, alpha=-0.1) for t, gi in zip(p.values(), g, strict=True)]
+    return saved.bytes
+
+
+def _sinusoid_step_graph() -> int:
+    from fmaml.app.jobs.sinusoid import DEFAULTS, build_model
+
+    x = torch.zeros(DEFAULTS["k_shot"], 1)
+    return _step_graph(build_model(DEFAULTS), x, x, torch.nn.functional.mse_loss)
+
+
+def _conv4_step_graph() -> int:
+    x = torch.zeros(20, 1, 28, 28)
+    y = torch.zeros(20, dtype=torch.int64)
+    return _step_graph(_conv4(), x, y, torch.nn.functional.cross_entropy)
 
 
 @pytest.mark.parametrize("policy", ["sqrt", "binomial", "auto"])

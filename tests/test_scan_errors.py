@@ -324,27 +324,16 @@ def test_create_graph_inside_func_grad_works_with_store_all():
     assert got.abs().max() > 1e-3
 
 
-@checkpointed_policies
-def test_forward_mode_raises_for_checkpointed_policies(policy):
-    xs = rand(torch.Generator().manual_seed(3), 5, 3)
-    w = torch.linspace(-1, 1, 3, dtype=F64)
-
-    def fn(w):
-        return fmaml.scan(_step, w, xs, checkpoint=policy)[0]
-
-    with pytest.raises(NotImplementedError, match=r"fmaml\.scan: forward-mode AD"):
-        jvp(fn, (w,), (torch.ones_like(w),))
-    with pytest.raises(NotImplementedError, match=r"fmaml\.scan.*checkpoint='store_all'"):
-        jacfwd(fn)(w)
-
-
-def test_forward_mode_works_with_store_all():
+@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
+def test_forward_mode_against_jacrev_and_finite_differences(policy):
+    """Forward mode works under every policy (``fmaml._forward``; ``test_scan_forward.py``);
+    what it leaves unsupported raises there."""
     gen = torch.Generator().manual_seed(3)
     xs = rand(gen, 5, 3)
     w, tangent = rand(gen, 3), rand(gen, 3)
 
     def fn(w):
-        return fmaml.scan(_step, w, xs, checkpoint="store_all")
+        return fmaml.scan(_step, w, xs, checkpoint=policy)
 
     (carry, ys), (t_carry, t_ys) = jvp(fn, (w,), (tangent,))
     torch.testing.assert_close((carry, ys), reference_scan(_step, w, xs), rtol=0, atol=0)

@@ -5,6 +5,9 @@
   step graphs held together. ``store_all`` holds all of them (the probe can see retention).
 * Snapshots: ``record_scan`` reports the live carries and their bytes; both must match a replay
   of the plan, and stay within the policy's budget.
+* Forward mode: no snapshot and no step graph under ``jvp``/``jacfwd`` (counted), the carries of
+  reverse mode under forward over reverse, and a peak resident memory that does not grow with
+  the length (measured in fresh processes by ``benchmarks/forward_mode.py``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import contextlib
 import itertools
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import CHECKPOINTED, F64, checkpointed_policies, policy_id, rand
-from torch.func import grad, vmap
+from torch.func import grad, jacfwd, jvp, vmap
 
 import fmaml
 from fmaml import _schedule as sch
@@ -54,6 +58,10 @@ class _Probe(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         return grad_out
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return tangent
 
 
 @pytest.fixture
@@ -356,3 +364,71 @@ def test_per_step_work_does_not_grow_with_the_snapshots(recording):
     few = _work_between_steps(4, 300, recording)
     many = _work_between_steps(200, 300, recording)
     assert many <= 1.1 * few, (few, many)  # 6x when the bookkeeping scaled with the snapshots
+
+
+# --------------------------------------------------------------------------------------------
+# forward mode
+
+
+@pytest.mark.parametrize("policy", ALL, ids=policy_id)
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_forward_mode_holds_no_snapshots_and_no_step_graphs(policy, transform, tokens, gen):
+    xs, k, init = rand(gen, LENGTH, 3), rand(gen, 3, 3, scale=0.5), rand(gen, 3)
+    loss = _loss(policy, xs)
+    with fmaml.record_scan() as stats:
+        if transform == "jvp":
+            _, tangent = jvp(loss, (init, k), (rand(gen, 3), rand(gen, 3, 3)))
+        else:
+            tangent = jacfwd(loss, argnums=(0, 1))(init, k)
+    assert all(torch.isfinite(t).all() for t in (tangent if transform == "jacfwd" else [tangent]))
+    assert tokens.peak == 1  # one step alive at a time, nothing kept
+    assert (stats.plans, stats.max_live_snapshots, stats.max_held_bytes) == ([], 0, 0)
+    assert (stats.graph_evaluations, stats.recomputations) == (0, 0)
+    assert stats.tangent_evaluations == stats.forward_evaluations == LENGTH
+
+
+@pytest.mark.parametrize("policy", ALL, ids=policy_id)
+def test_forward_over_reverse_keeps_the_carries_of_reverse_mode(policy, tokens, gen):
+    xs, k, init = rand(gen, LENGTH, 3), rand(gen, 3, 3, scale=0.5), rand(gen, 3)
+    loss = _loss(policy, xs)
+    with fmaml.record_scan() as reverse:
+        grad(loss, argnums=(0, 1))(init, k)
+    assert tokens.peak == _expected_graph_peak(policy)
+    _Token.peak = 0
+    with fmaml.record_scan() as stats:
+        jvp(grad(loss, argnums=(0, 1)), (init, k), (rand(gen, 3), rand(gen, 3, 3)))
+    # one step's graph at a time (store_all: all of them), as many carries as reverse mode
+    # (each with its tangent), and one forward-mode pass for the tangents of the outputs
+    assert tokens.peak == _expected_graph_peak(policy)
+    assert stats.plans == reverse.plans
+    assert stats.max_live_snapshots == reverse.max_live_snapshots
+    if reverse.plans:
+        assert stats.tangent_evaluations == LENGTH
+        # the forward pass kept no snapshot: the backward re-took them, with their tangents
+        (plan,) = stats.plans
+        assert stats.recomputations == reverse.recomputations + plan.length - 1
+
+
+@pytest.mark.slow
+def test_forward_mode_peak_memory_does_not_grow_with_the_length():
+    """Peak resident memory of ``jvp`` through a 2,000-step scan within 1.5x of a 200-step one,
+    each in a fresh process (``benchmarks/forward_mode.py``, workload ``scan``): a carry of
+    256 KiB, so that keeping anything per step (a carry, a tangent, a graph) would add hundreds
+    of MB."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks._memory import measure
+
+    carry = 2**15 * 8
+    config = {"workload": "scan", "numel": 2**15, "transform": "jvp", "policy": "auto"}
+    peaks = {}
+    for k in (200, 2000):
+        result = measure("forward_mode", {**config, "k": k, "seed": 0, "threads": 1, "warmup": 0})
+        assert result["tangent_evaluations"] == k
+        assert (result["plans"], result["max_live_snapshots"], result["graph_evaluations"]) == (
+            0,
+            0,
+            0,
+        )
+        peaks[k] = result["peak_bytes"]
+        assert peaks[k] < 32 * carry, f"k={k}: peak {peaks[k] / 2**20:.1f} MiB"
+    assert peaks[2000] <= 1.5 * peaks[200], peaks

@@ -47,8 +47,8 @@ def evaluate_steps(
     """``metric`` on each task's query set after each number of inner steps in ``steps``.
 
     The inner steps run once per task (``0 .. max(steps)``) and the metric is read off at each
-    requested count. Tasks are vectorised ``chunk`` at a time (``maml.batching == "vmap"``) or
-    run one by one (``"loop"``).
+    requested count. Tasks are vectorised ``chunk`` at a time or run one by one, as
+    ``maml.batching_for`` says (``batching="auto"``: from the model and the device).
 
     Returns:
         ``(T, len(steps))`` values, detached.
@@ -72,12 +72,13 @@ def evaluate_steps(
     rank = torch.distributed.get_rank() if world > 1 else 0
     first, last = distributed.shard_bounds(n_tasks, rank, world)
     parts = []
-    size = 1 if maml.batching == "loop" else chunk
+    loop = maml.batching_for(params, tasks, max(wanted)).mode == "loop"
+    size = 1 if loop else chunk
     for start in range(first, last, size):
         stop = min(start + size, last)
         sup = _slice(tasks.support, start, stop)
         qry = _slice(tasks.query, start, stop)
-        if maml.batching == "loop":
+        if loop:
             parts.append(one(_slice(sup, 0, None, True), _slice(qry, 0, None, True))[None])
         else:
             parts.append(vmap(one, randomness="different")(sup, qry))

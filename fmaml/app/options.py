@@ -237,9 +237,10 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option(
         "--batching",
         "batching",
-        "tasks vectorised (vmap) or one by one (loop)",
+        "tasks vectorised (vmap), one by one (loop), or chosen from the model and the device "
+        "(auto: fmaml.MAML's default)",
         _META,
-        choices=("vmap", "loop"),
+        choices=("auto", "vmap", "loop"),
     ),
     Option(
         "--compile",

@@ -8,6 +8,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
+import fmaml
 from fmaml._policy import Auto, Binomial, Policy, StoreAll, Uniform
 from fmaml._schedule import Plan
 from fmaml.app import jobs
@@ -52,8 +56,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--snapshots",
         type=int_at_least(1),
         metavar="S",
-        help="snapshots for binomial and auto (default: binomial ceil(log2 K), auto its "
-        "64 MiB budget)",
+        help="snapshots for binomial and auto (default: binomial ceil(log2 K); auto keeps every "
+        "graph when they fit its 64 MiB budget, else what the rest of the budget buys)",
     )
     parser.add_argument(
         "--policy",
@@ -75,6 +79,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="carry size in bytes instead of --model",
     )
     parser.add_argument(
+        "--graph-bytes",
+        type=int_at_least(0),
+        metavar="B",
+        help="the autograd graph of one inner step in bytes, for auto's choice (default: "
+        "measured on --model's default task; with --model-bytes, unknown: auto checkpoints)",
+    )
+    parser.add_argument(
         "--tasks",
         type=int_at_least(1),
         default=1,
@@ -90,11 +101,25 @@ _MODELS = {
 }
 
 
-def _model_bytes(model: str) -> tuple[int, str]:
+def _model_bytes(model: str) -> tuple[int, int, str]:
+    """The carry (the parameters) and one inner step's graph of ``--model`` on its job's default
+    support set (sinusoid: 10 points; omniglot: 20-way 1-shot, 28x28), both in bytes."""
     task, label = _MODELS[model]
     job = jobs.module(task)
-    n = sum(p.numel() for p in job.build_model(job.DEFAULTS).parameters())
-    return n * 4, f"{label}: {n:,} float32 parameters"
+    config = job.DEFAULTS
+    net = job.build_model(config)
+    n = sum(p.numel() for p in net.parameters())
+    if task == "sinusoid":
+        x, y = torch.zeros(1, config["k_shot"], 1), torch.zeros(1, config["k_shot"], 1)
+        loss = F.mse_loss
+    else:
+        side, ways = config["image_size"], config["n_way"]
+        x = torch.zeros(1, ways * config["k_shot"], 1, side, side)
+        y = torch.zeros(1, ways * config["k_shot"], dtype=torch.int64)
+        loss = F.cross_entropy
+    maml = fmaml.MAML(net, loss, inner_lr=0.1)
+    graph = maml.footprint(fmaml.params(net), fmaml.Tasks((x, y), (x, y))).step_bytes
+    return n * 4, graph, f"{label}: {n:,} float32 parameters"
 
 
 #: The one measure of compute that ``fmaml plan`` and ``fmaml demo`` print, and its definition.
@@ -117,6 +142,7 @@ class StepCost:
         graph: steps evaluated with a graph (``store_all``: in the forward pass, and kept).
         carry_bytes: the size of one carry.
         plan: the plan, or ``None``.
+        graph_bytes: one step's autograd graph, when known.
     """
 
     length: int
@@ -126,6 +152,7 @@ class StepCost:
     graph: int
     carry_bytes: int
     plan: Plan | None
+    graph_bytes: int | None = None
 
     @property
     def evaluations(self) -> int:
@@ -138,25 +165,39 @@ class StepCost:
         return self.evaluations / self.length if self.length else 0.0
 
     def memory(self) -> str:
-        """The snapshots' bytes, or for no plan the step graphs kept (each larger than a carry)."""
+        """The snapshots' bytes and one step graph, or for no plan the step graphs kept."""
+        graph = self.graph_bytes
         if self.snapshots is None:
             graphs = plural(self.length, "step graph")
-            return f"{graphs}, over {_bytes(self.length * self.carry_bytes)}"
-        return _bytes(self.snapshots * self.carry_bytes)
+            if graph is None:  # each graph holds at least the carry its step started from
+                return f"{graphs}, over {_bytes(self.length * self.carry_bytes)}"
+            return f"{graphs}, {_bytes(self.length * (graph + self.carry_bytes))}"
+        held = _bytes(self.snapshots * self.carry_bytes)
+        return held if graph is None else f"{held} + one step graph {_bytes(graph)}"
 
 
-def step_cost(policy: Policy, length: int, carry_bytes: int) -> StepCost:
-    """The :class:`StepCost` of ``policy`` for a scan of ``length`` steps of ``carry_bytes``.
+def step_cost(
+    policy: Policy, length: int, carry_bytes: int, graph_bytes: int | None = None
+) -> StepCost:
+    """The :class:`StepCost` of ``policy`` for a scan of ``length`` steps of ``carry_bytes``
+    (``graph_bytes``: one step's graph, for :class:`fmaml.Auto`'s choice).
 
     These are the counts :func:`fmaml.record_scan` reports for a real scan (tested).
     """
-    if policy.stores_all(length):
-        return StepCost(length, None, 0, 0, length, carry_bytes, None)
-    plan = policy.plan(length, carry_bytes)
+    plan = policy.plan(length, carry_bytes, graph_bytes)
+    if plan is None:
+        return StepCost(length, None, 0, 0, length, carry_bytes, None, graph_bytes)
     swept = sum(a.stop - a.start for a in plan.forward if hasattr(a, "stop"))
     # the forward sweep, then the last step (its output is the scan's result)
     return StepCost(
-        length, plan.snapshots, swept + 1, plan.evaluations - swept, length, carry_bytes, plan
+        length,
+        plan.snapshots,
+        swept + 1,
+        plan.evaluations - swept,
+        length,
+        carry_bytes,
+        plan,
+        graph_bytes,
     )
 
 
@@ -196,8 +237,6 @@ def label(policy: Policy, length: int) -> str:
         return f"uniform:{policy.every}"
     if isinstance(policy, Binomial):
         return "binomial" if policy.snapshots is None else f"binomial:{policy.snapshots}"
-    if policy.stores_all(length):
-        return "auto (plain loop)"
     return "auto" if policy.max_snapshots is None else f"auto:{policy.max_snapshots}"
 
 
@@ -238,29 +277,37 @@ Columns, for one gradient (forward and backward pass):
   with graph  steps run with a graph (store_all: in the forward pass, all kept)
   evals/step  (forward + recomputed + with graph) / K: every evaluation of the step function
               for one gradient, per inner step (1.00: store_all; 2.00: no recomputation)
-  memory      the snapshots (carries); store_all keeps every step's autograd graph instead,
-              each larger than a carry"""
+  memory      the snapshots (carries); store_all, and auto when they fit its budget, keep
+              every step's autograd graph instead"""
 
 
 def run(args: argparse.Namespace) -> int:
     """``fmaml plan``: the cost table and the chosen policy's plan."""
     length = args.length
     if args.model_bytes is not None:
-        model_bytes, what = args.model_bytes, f"{args.model_bytes:,} bytes (--model-bytes)"
+        model_bytes, graph, what = (
+            args.model_bytes,
+            None,
+            f"{args.model_bytes:,} bytes (--model-bytes)",
+        )
     else:
-        model_bytes, what = _model_bytes(args.model)
+        model_bytes, graph, what = _model_bytes(args.model)
+    if args.graph_bytes is not None:
+        graph = args.graph_bytes
     carry = model_bytes * args.tasks
+    graph = None if graph is None else graph * args.tasks
     tasks = f" x {args.tasks} tasks" if args.tasks > 1 else ""
+    step = "unknown" if graph is None else _bytes(graph)
     print(
         f"Checkpoint plans for {plural(length, 'inner step')}; carry {_bytes(carry)} "
-        f"({what}{tasks})"
+        f"({what}{tasks}); one step's graph {step}"
     )
     print(_LEGEND)
     print()
     print(f"  {'policy':<24}" + "".join(f"{c.header:>{c.width}}" for c in COLUMNS))
     chosen = None
     for name, policy in plan_policies(length, args.snapshots).items():
-        cost = step_cost(policy, length, carry)
+        cost = step_cost(policy, length, carry, graph)
         marker = "*" if name == args.policy else " "
         cells = "".join(f"{c.value(cost):>{c.width}}" for c in COLUMNS)
         print(f"{marker} {label(policy, length):<24}{cells}")

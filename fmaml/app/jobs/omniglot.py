@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "inner_lr": 0.1,
     "first_order": False,
     "checkpoint": "auto",
-    "batching": "loop",
+    "batching": "auto",
     "compile": "off",
     "eval_steps": [1, 10],
     "eval_inner_lr": None,

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "inner_lr": 0.01,
     "first_order": False,
     "checkpoint": "auto",
-    "batching": "vmap",
+    "batching": "auto",
     "compile": "off",
     "eval_steps": [0, 1, 10],
     "eval_inner_lr": None,
