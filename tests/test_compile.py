@@ -21,7 +21,7 @@ from _models import single_thread  # noqa: F401 (autouse fixture)
 from conftest import F64, assert_trees_close, policy_id, rand, reference_scan
 from torch import nn
 from torch._dynamo.utils import counters
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import fmaml
 from fmaml._compile import compile_stats, resolve_compile
@@ -128,6 +128,21 @@ def test_second_order_stays_exact(policy, gen):
     (g,) = torch.autograd.grad(_loss(policy)(h, xs, consts), h, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), h)
     torch.testing.assert_close(gg, jacrev(grad(_loss(None)))(init["h"], xs, consts).sum(0), **TOL)
+
+
+@policies
+def test_forward_mode_stays_exact(policy, gen):
+    """Forward mode and forward-over-reverse run their pieces eagerly: the same derivatives."""
+    init, xs, consts = _inputs(gen)
+    h, v = init["h"], rand(gen, 3)
+    for transform in (
+        lambda loss: jvp(lambda h0: loss(h0, xs, consts), (h,), (v,))[1],
+        lambda loss: jacfwd(loss)(h, xs, consts),
+        lambda loss: hessian(loss)(h, xs, consts),
+        lambda loss: jvp(grad(lambda h0: loss(h0, xs, consts)), (h,), (v,))[1],
+    ):
+        got = _twice(transform, _loss(policy))
+        assert_trees_close(got, transform(_loss(None)), **TOL)
 
 
 def test_nested_vmap_peels_every_level(gen):
