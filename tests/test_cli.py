@@ -404,9 +404,14 @@ def test_help_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize(
-    ("given", "saved"), [([], "off"), (["--compile"], "on"), (["--compile", "auto"], "auto")]
+    ("given", "saved", "handed"),
+    [
+        ([], "auto", False),  # sinusoid's default; "auto" of a one-step run compiles nothing
+        (["--compile"], "on", True),
+        (["--compile", "off"], "off", False),
+    ],
 )
-def test_compile_option_reaches_the_run(given, saved, tmp_path, capsys, monkeypatch):
+def test_compile_option_reaches_the_run(given, saved, handed, tmp_path, capsys, monkeypatch):
     """``--compile [WHEN]``: saved in config.json and handed to fmaml.MAML (one meta-step runs
     eagerly, as a compiled structure's first call does, so nothing is compiled here)."""
     import fmaml
@@ -424,8 +429,22 @@ def test_compile_option_reaches_the_run(given, saved, tmp_path, capsys, monkeypa
     status, out, _ = _run([*argv, *given], capsys)
     assert status == 0
     assert json.loads((run / "config.json").read_text())["compile"] == saved
-    assert seen[0] == {"off": False, "on": True, "auto": "auto"}[saved]
+    assert seen[0] == handed
     assert (f"compile {saved}, " in out) == (saved != "off")
+
+
+def test_compile_auto_compiles_long_runs_only():
+    """A compilation costs tens of seconds: ``--compile auto`` hands ``"auto"`` to fmaml.MAML
+    only for a run with enough meta-steps left to win it back (or no iteration limit)."""
+    from fmaml.app.loop import AUTO_COMPILE_ITERATIONS as N
+    from fmaml.app.loop import compile_option
+
+    assert compile_option("auto", N) == "auto"
+    assert compile_option("auto", None) == "auto"
+    assert compile_option("auto", N - 1) is False
+    assert compile_option("auto", N + 5, first=6) is False  # resumed near its end
+    assert compile_option("on", 1) is True
+    assert compile_option("off", None) is False
 
 
 def test_compile_option_rejects_other_values(capsys):

@@ -238,7 +238,7 @@ def train(
         checkpoint=policy,
         first_order=cfg["first_order"],
         batching=cfg["batching"],
-        compile={"off": False, "on": True, "auto": "auto"}[cfg.get("compile", "off")],
+        compile=compile_option(cfg.get("compile", "off"), cfg["iterations"], first),
     )
     total = cfg["iterations"]
     budget = None if cfg["time_budget"] is None else 60.0 * cfg["time_budget"]
@@ -336,6 +336,24 @@ def train(
         log.close()
         progress.close(it, last_loss, elapsed)
     return TrainResult(it, elapsed, cpu_time, stopped_by, records)
+
+
+#: ``--compile auto`` compiles only a run with at least this many meta-steps to go: a compilation
+#: takes tens of seconds on the CPU (a cold inductor cache; measured 25 to 50 s for the sinusoid
+#: MLP) and saves about 2 to 3 ms per sinusoid meta-step (docs/benchmarks/compile.md), so a
+#: shorter run would not win it back.
+AUTO_COMPILE_ITERATIONS = 10_000
+
+
+def compile_option(when: str, iterations: int | None, first: int = 0) -> bool | str:
+    """``--compile`` as :class:`fmaml.MAML` takes it: ``on`` is ``True``, ``off`` is ``False``,
+    and ``auto`` is ``"auto"`` (compile the pieces whose operators are small, see
+    ``docs/compile.md``) for a run with at least :data:`AUTO_COMPILE_ITERATIONS` meta-steps
+    left from ``first`` (or no iteration limit), else ``False``."""
+    if when == "auto":
+        left = None if iterations is None else iterations - first
+        return "auto" if left is None or left >= AUTO_COMPILE_ITERATIONS else False
+    return {"off": False, "on": True}[when]
 
 
 def _non_finite(loss: float, grads: Params) -> str:

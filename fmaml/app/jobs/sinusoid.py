@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "checkpoint": "auto",
     "batching": "auto",
-    "compile": "off",
+    "compile": "auto",
     "eval_steps": [0, 1, 10],
     "eval_inner_lr": None,
     "eval_tasks": 1000,
