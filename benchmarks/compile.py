@@ -14,8 +14,8 @@ Groups:
   ``k`` = 5, lr 0.4; ``benchmarks/_workloads.py``), ``meta_grad`` and ``.backward()``, with
   ``compile`` off, on and ``"auto"``.
 - ``train``: ``fmaml train sinusoid`` with its defaults (25,000 meta-steps; ``--compile auto``,
-  which compiles a run this long) and with ``--compile off``, end to end: training time (compilation included), its compile time, the final
-  held-out MSEs.
+  which compiles a run this long) and with ``--compile off``, end to end: training time
+  (compilation included), its compile time, the final held-out MSEs.
 
 Protocol. Each configuration runs in a fresh process (``benchmarks/_memory.py``) with one torch
 thread and an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR`` in a new temporary directory,

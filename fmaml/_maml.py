@@ -835,8 +835,11 @@ class MAML:
         if not transforms_active():  # no graph of the meta-gradient (see above)
             params = {name: p.detach() for name, p in params.items()}
             hyper = optree.tree_map(torch.Tensor.detach, hyper, none_is_leaf=False)
+        # closures=False: the result is the gradient with respect to `params` (and `hyper`)
+        # alone, so a tensor the loss closes over is a constant here, as under grad_and_value,
+        # and the probe for closures (a forward pass of its own each call) has nothing to guard
         grads, (loss, aux) = grad_and_value_any(
-            lambda p, h: self._accumulated(p, tasks, k, h, per_step, n_tasks, where),
+            lambda p, h: self._accumulated(p, tasks, k, h, per_step, n_tasks, where, False),
             (params, hyper),
             argnums,
             context=tasks,
@@ -852,12 +855,16 @@ class MAML:
         per_step: bool,
         n_tasks: int,
         where: str,
+        closures: bool = True,
     ) -> tuple[torch.Tensor, MetaAux]:
         """The meta-loss and its :class:`MetaAux`, one chunk of tasks at a time: each chunk's
         gradient is taken and its graph freed before the next chunk starts
         (:func:`fmaml._accumulate.accumulate`). With ``bn_stats="track"`` in train mode, the
         module's running statistics take this meta-step's one update here, from the query
-        passes of the forward pass (a recomputation in a backward pass returns no aux)."""
+        passes of the forward pass (a recomputation in a backward pass returns no aux).
+        ``closures``: probe for a closure over a differentiated tensor first
+        (:meth:`_check_no_closure`); :meth:`meta_grad`, whose result holds no such gradient,
+        skips it."""
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
 
         def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
@@ -869,7 +876,9 @@ class MAML:
         loss, (query_losses, history, extras) = accumulate(
             pieces,
             (params, hyper, tasks),
-            check=lambda: self._check_no_closure(params, tasks, hyper, per_step),
+            check=(lambda: self._check_no_closure(params, tasks, hyper, per_step))
+            if closures
+            else None,
             compile=self.compile,
         )
         if self.check_finite:
@@ -1305,7 +1314,10 @@ def _check_batch(batch: Batch, name: str, where: str, min_dim: int) -> list[torc
     leaves, _ = flatten(batch)
     if not leaves:
         raise ValueError(f"MAML.{where}: `{name}` has no tensors.")
-    for path, leaf in zip(leaf_paths(batch, name), leaves, strict=True):
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= min_dim:
+            continue
+        path = leaf_paths(batch, name)[i]  # named on error only: a valid batch costs nothing
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"MAML.{where}: {path} must be a tensor, got {describe_leaf(leaf)}.")
         if leaf.dim() < min_dim:
@@ -1319,10 +1331,13 @@ def _check_batch(batch: Batch, name: str, where: str, min_dim: int) -> list[torc
 def _check_leading(
     support: Batch, query: Batch | None, where: str, support_name: str = "tasks.support"
 ) -> int:
-    sizes: dict[str, int] = {}
-    for tree, name in ((support, support_name), (query, "tasks.query")):
-        if tree is None:
-            continue
+    pairs = ((support, support_name), (query, "tasks.query"))
+    trees = [(tree, name) for tree, name in pairs if tree is not None]
+    leading = {leaf.shape[0] for tree, _ in trees for leaf in flatten(tree)[0]}
+    if len(leading) == 1:
+        return leading.pop()
+    sizes: dict[str, int] = {}  # named on error only
+    for tree, name in trees:
         for path, leaf in zip(leaf_paths(tree, name), flatten(tree)[0], strict=True):
             sizes[path] = leaf.shape[0]
     first_path, n = next(iter(sizes.items()))
@@ -1338,8 +1353,9 @@ def _check_leading(
 def _check_per_step(
     leaves: list[torch.Tensor], support: Batch, name: str, k: int, dim: int, where: str
 ) -> None:
-    for path, leaf in zip(leaf_paths(support, name), leaves, strict=True):
+    for i, leaf in enumerate(leaves):
         if leaf.shape[dim] != k:
+            path = leaf_paths(support, name)[i]
             raise ValueError(
                 f"MAML.{where}: with per_step=True, {path} needs {k} per-step batches in "
                 f"dimension {dim}, got shape {tuple(leaf.shape)}."

@@ -294,7 +294,9 @@ class _Scaled(nn.Module):
 @pytest.mark.parametrize("route", ["grad", "backward", "meta_grad"])
 def test_a_closure_over_a_differentiated_tensor_raises(where, route):
     """The eager gradient differentiates the arguments only: a tensor the loss reads from
-    elsewhere, if differentiated, would silently get no gradient. Refused before any work."""
+    elsewhere, if differentiated, would silently get no gradient. Refused before any work.
+    ``meta_grad`` returns the gradient with respect to ``params`` alone, where the closure is a
+    constant (as under ``torch.func.grad_and_value``): exact, nothing refused."""
     tasks = regression_tasks(torch.Generator().manual_seed(6))
     holder = {"s": torch.tensor(1.5, dtype=F64)}
     model, loss_fn, kwargs = mlp(), mse, {"inner_lr": LR}
@@ -322,6 +324,12 @@ def test_a_closure_over_a_differentiated_tensor_raises(where, route):
             grad(outer, argnums=(0, 1))(params, torch.tensor(1.5, dtype=F64))
         return
     holder["s"] = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    if route == "meta_grad":
+        _, got = _recorded(maml, params, tasks, 2, route)
+        holder["s"] = holder["s"].detach()
+        want = grad(maml.unrolled_loss)(params, tasks, 2)  # the closure now a constant
+        assert_trees_close(got, want, rtol=1e-10, atol=1e-12)
+        return
     with pytest.raises(ValueError, match=match):
         _recorded(maml, params, tasks, 2, route)
 
