@@ -869,7 +869,10 @@ class MAML:
 
         def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
             losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
-            return losses.sum() / n_tasks, (losses.detach(), history, extras)
+            # aux carries no gradient: detached here, or the inner losses' graph (step 0's
+            # forward pass, under Auto's measured first step) would live as long as the aux
+            aux = (losses, history, extras)
+            return losses.sum() / n_tasks, optree.tree_map(_detach, aux, none_is_leaf=False)
 
         check = _check_history if self.check_finite else None
         pieces = [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
@@ -1501,3 +1504,7 @@ def reptile_direction(params: Params, adapted: Params) -> Params:
     if missing:
         raise ValueError(f"reptile_direction: `adapted` lacks the parameters {missing}.")
     return {name: p - adapted[name].mean(0) for name, p in params.items()}
+
+
+def _detach(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
