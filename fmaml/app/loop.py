@@ -305,7 +305,8 @@ def train(
                     maml, params, tasks, cfg["inner_steps"], ctx
                 )
                 value = float(loss)
-                finite = bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+                flat = torch.cat([g.reshape(-1) for g in grads.values()])
+                finite = bool(torch.isfinite(flat).all())  # three operators, not two per leaf
                 if not (math.isfinite(value) and finite):
                     raise RunStopped(
                         f"{_non_finite(value, grads)} at iteration {it + 1}: "
