@@ -24,7 +24,11 @@ process (``benchmarks/_memory.py``) with one torch thread:
    (``time.process_time``) of ``repeats`` meta-gradients.
 
 The warm-up is one meta-gradient with ``min(k, 3)`` inner steps for A and C (a full one would
-double the cost of long loops) and one full meta-step for B. A configuration whose peak,
+double the cost of long loops) and one full meta-step for B. Modules that torch imports lazily
+(sympy, through ``torch.fx.experimental.symbolic_shapes``, on the first ``torch.autograd.grad``
+with ``grad_outputs``: 31 MB) are imported before the baseline, for every library
+(``benchmarks/_memory.py``): a short warm-up that keeps every graph would otherwise leave that
+import to the measured meta-step. A configuration whose peak,
 extrapolated linearly from its own largest measured ``k``, would exceed ``--cap-gb`` (8 GB) is
 skipped and marked so. Ratios are only taken between numbers from the same run of a workload.
 
