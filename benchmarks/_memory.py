@@ -137,7 +137,7 @@ def child(
     # Modules that torch imports on first use belong to the baseline, not to a meta-step: any
     # `torch.autograd.grad(..., grad_outputs)` (a checkpointed backward pass, but not a warm-up
     # short enough to keep every graph) first imports sympy through this one, 31 MB of modules.
-    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    import torch.fx.experimental.symbolic_shapes
 
     run = setup(config)
     output = None
