@@ -115,3 +115,19 @@ def test_grid_cuts_for_a_short_lease():
     assert args.labels == ["higher", "torch_maml, ckpt every step"]
     known = {e.label for e in suite.entries_a()}
     assert set(args.labels) <= known
+
+
+def test_loop_overhead_routes_compute_the_same_meta_gradient():
+    """benchmarks/loop_overhead.py times four calls: they must be the same computation."""
+    from benchmarks.loop_overhead import routes
+
+    fns, model = routes(k=2, tasks_n=3)
+    grads = {}
+    for name in ("hand-written", "backward"):
+        fns[name]()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads["grad"] = fns["grad"]()
+    grads["meta_grad"] = fns["meta_grad"]()[1]
+    for name, got in grads.items():
+        for key, want in grads["hand-written"].items():
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-7, msg=name)
