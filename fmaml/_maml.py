@@ -508,23 +508,69 @@ class MAML:
         """``k`` inner steps on one task; returns the adapted params and the (k,) loss history."""
         policy = self.checkpoint if policy is None else policy
         adapted, frozen = self._split(params)
-        if self.first_order:
-            # First-order MAML: θ_k = θ + Δ with Δ constant in θ, so the inner loop needs no
-            # graph of the parameters. Learned rates keep theirs: Δ depends on them (the inner
-            # gradients are still constants), as in learn2learn's first-order Meta-SGD.
-            plain = {name: p.detach() for name, p in adapted.items()}
-            rest = {name: p.detach() for name, p in frozen.items()}
-            if hyper is None:
-                with torch.no_grad():
-                    new, history, stats = self._unroll(
-                        plain, support, k, per_step, None, rest, "store_all"
-                    )
-            else:
-                new, history, stats = self._unroll(plain, support, k, per_step, hyper, rest, policy)
-            new = {n: p + (new[n] - p.detach()) for n, p in adapted.items()}
-        else:
-            new, history, stats = self._unroll(adapted, support, k, per_step, hyper, frozen, policy)
+        new, history, stats = self._inner(
+            self._unroll, adapted, frozen, support, k, per_step, hyper, policy
+        )
         return {**{name: new.get(name, frozen.get(name)) for name in params}, **stats}, history
+
+    def _inner(
+        self,
+        unroll: Callable[..., tuple[Params, torch.Tensor, dict[str, torch.Tensor]]],
+        adapted: Params,
+        frozen: Params,
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        policy: Policy,
+    ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
+        """The inner loop through ``unroll`` (:meth:`_unroll`, one task, or
+        :meth:`_unroll_batch`, a batch): the adapted parameters, the history and the statistics.
+
+        First-order MAML: θ_k = θ + Δ with Δ constant in θ, so the inner loop needs no graph of
+        the parameters. Learned rates keep theirs: Δ depends on them (the inner gradients are
+        still constants), as in learn2learn's first-order Meta-SGD."""
+        if not self.first_order:
+            return unroll(adapted, support, k, per_step, hyper, frozen, policy)
+        plain = {name: p.detach() for name, p in adapted.items()}
+        rest = {name: p.detach() for name, p in frozen.items()}
+        if hyper is None:
+            with torch.no_grad():
+                new, history, stats = unroll(plain, support, k, per_step, None, rest, "store_all")
+        else:
+            new, history, stats = unroll(plain, support, k, per_step, hyper, rest, policy)
+        return {n: p + (new[n] - p.detach()) for n, p in adapted.items()}, history, stats
+
+    def _scan_steps(
+        self,
+        step: Callable[..., tuple[tuple[Params, Any, dict], torch.Tensor]],
+        init: tuple[Params, Any, dict],
+        support: Batch,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        frozen: Params,
+        checkpoint: Any,
+    ) -> tuple[tuple[Params, Any, dict], torch.Tensor]:
+        """``k`` applications of ``step(carry, batch, hyper, frozen)`` as one scan: over the
+        per-step batches of ``support`` (``per_step``), or on ``support`` at every step."""
+        if per_step:
+            return scan(
+                lambda c, batch, consts: step(c, batch, *consts),
+                init,
+                support,
+                checkpoint=checkpoint,
+                consts=(hyper, frozen),
+                compile=self.compile,
+            )
+        return scan(
+            lambda c, _, consts: step(c, consts[0], *consts[1:]),
+            init,
+            length=k,
+            checkpoint=checkpoint,
+            consts=(support, hyper, frozen),
+            compile=self.compile,
+        )
 
     def _unroll(
         self,
@@ -537,24 +583,9 @@ class MAML:
         checkpoint: Any,
     ) -> tuple[Params, torch.Tensor, dict[str, torch.Tensor]]:
         init = (adapted, self.inner_opt.init(adapted), self._initial_stats())
-        if per_step:
-            (new, _, stats), history = scan(
-                lambda c, batch, consts: self._step(c, batch, *consts),
-                init,
-                support,
-                checkpoint=checkpoint,
-                consts=(hyper, frozen),
-                compile=self.compile,
-            )
-        else:
-            (new, _, stats), history = scan(
-                lambda c, _, consts: self._step(c, consts[0], *consts[1:]),
-                init,
-                length=k,
-                checkpoint=checkpoint,
-                consts=(support, hyper, frozen),
-                compile=self.compile,
-            )
+        (new, _, stats), history = self._scan_steps(
+            self._step, init, support, k, per_step, hyper, frozen, checkpoint
+        )
         return new, history, stats
 
     # ---------------------------------------------------------------------------------------
@@ -585,23 +616,9 @@ class MAML:
         batch = {name: p.expand(n, *p.shape) for name, p in adapted.items()}
         if per_step:  # (T, k, N, ...) -> (k, T, N, ...): the scan slices the steps
             support = optree.tree_map(lambda t: t.movedim(1, 0), support)
-        if self.first_order:  # see _adapt_one
-            plain = {name: p.detach() for name, p in batch.items()}
-            rest = {name: p.detach() for name, p in frozen.items()}
-            if hyper is None:
-                with torch.no_grad():
-                    new, history, stats = self._unroll_batch(
-                        plain, support, k, per_step, None, rest, "store_all"
-                    )
-            else:
-                new, history, stats = self._unroll_batch(
-                    plain, support, k, per_step, hyper, rest, policy
-                )
-            new = {name: p + (new[name] - p.detach()) for name, p in batch.items()}
-        else:
-            new, history, stats = self._unroll_batch(
-                batch, support, k, per_step, hyper, frozen, policy
-            )
+        new, history, stats = self._inner(
+            self._unroll_batch, batch, frozen, support, k, per_step, hyper, policy
+        )
         out = {
             name: new[name] if name in new else frozen[name].expand(n, *frozen[name].shape)
             for name in params
@@ -623,25 +640,16 @@ class MAML:
         if flatten(state)[0]:  # a state per task (Adam's step count, say): init under vmap
             state = vmap(self.inner_opt.init)(adapted)
         stats = {name: t.expand(n, *t.shape) for name, t in self._initial_stats().items()}
-        init = (adapted, state, stats)
-        if per_step:
-            (new, _, stats), history = scan(
-                lambda c, batch, consts: self._step_batch(c, batch, *consts),
-                init,
-                support,
-                checkpoint=checkpoint,
-                consts=(hyper, frozen),
-                compile=self.compile,
-            )
-        else:
-            (new, _, stats), history = scan(
-                lambda c, _, consts: self._step_batch(c, consts[0], *consts[1:]),
-                init,
-                length=k,
-                checkpoint=checkpoint,
-                consts=(support, hyper, frozen),
-                compile=self.compile,
-            )
+        (new, _, stats), history = self._scan_steps(
+            self._step_batch,
+            (adapted, state, stats),
+            support,
+            k,
+            per_step,
+            hyper,
+            frozen,
+            checkpoint,
+        )
         history = history.movedim(0, 1) if history.dim() == 2 else history.new_zeros(n, 0)
         return new, history, stats
 
