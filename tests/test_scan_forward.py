@@ -28,10 +28,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_scan_transforms import (
     _POLICY,
-    _build_carry,
     _carry_structure,
     _inputs,
     _loss_fn,
+    _property_problem,
     _scan_fn,
 )
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
@@ -474,30 +474,7 @@ def test_closure_over_a_forward_mode_input_raises(policy, gen):
     seed=st.integers(0, 2**16),
 )
 def test_property_forward_mode(length, policy, structure, seed):
-    kind, shapes = structure
-    gen = torch.Generator().manual_seed(seed)
-    leaves = [rand(gen, *s, scale=0.5) for s in shapes]
-    xs = rand(gen, length, 2)
-    consts = {"a": rand(gen, scale=0.3), "b": rand(gen, 2, scale=0.3)}
-
-    def f(carry, x, k):
-        def update(t):
-            return torch.tanh(t * (1 + k["a"]) + (x * k["b"]).sum()) * 0.9
-
-        new = optree.tree_map(update, carry)
-        return new, sum(t.sum() for t in optree.tree_leaves(new))
-
-    def loss(policy):
-        def fn(leaves, consts):
-            init = _build_carry(kind, leaves)  # built inside: torch.func refuses None leaves
-            if policy is None:
-                carry, ys = reference_scan(f, init, xs, length=length, consts=consts)
-                ys = torch.zeros(0, dtype=F64) if ys is None else ys
-            else:
-                carry, ys = fmaml.scan(f, init, xs, checkpoint=policy, consts=consts)
-            return sum((t**2).sum() for t in optree.tree_leaves(carry)) + (ys**3).sum()
-
-        return fn
+    gen, _, leaves, _, consts, _, loss = _property_problem(length, structure, seed)
 
     tangents = (_tangents(gen, leaves), _tangents(gen, consts))
     args = (leaves, consts)

@@ -8,6 +8,9 @@ leaves, and a hypothesis property test over lengths, policies and carry structur
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import optree
 import pytest
 import torch
@@ -493,13 +496,21 @@ def _build_carry(kind, leaves):
     return {"head": leaves[0], "rest": [tuple(leaves[1:]), None]}
 
 
-@given(
-    length=st.integers(0, 64),
-    policy=_POLICY,
-    structure=_carry_structure(),
-    seed=st.integers(0, 2**16),
-)
-def test_property_values_and_grads(length, policy, structure, seed):
+class _Problem(NamedTuple):
+    """The property tests' scan: a carry of random structure, ``length`` steps of a tanh map with
+    constants; ``loss(policy)(leaves, consts)`` runs ``fmaml.scan`` (the reference loop for
+    ``policy=None``)."""
+
+    gen: torch.Generator
+    kind: str
+    leaves: list
+    xs: torch.Tensor
+    consts: dict
+    f: Callable
+    loss: Callable
+
+
+def _property_problem(length, structure, seed):
     kind, shapes = structure
     gen = torch.Generator().manual_seed(seed)
     leaves = [rand(gen, *s, scale=0.5) for s in shapes]
@@ -524,6 +535,18 @@ def test_property_values_and_grads(length, policy, structure, seed):
             return sum((t**2).sum() for t in optree.tree_leaves(carry)) + (ys**3).sum()
 
         return fn
+
+    return _Problem(gen, kind, leaves, xs, consts, f, loss)
+
+
+@given(
+    length=st.integers(0, 64),
+    policy=_POLICY,
+    structure=_carry_structure(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_values_and_grads(length, policy, structure, seed):
+    _, kind, leaves, xs, consts, f, loss = _property_problem(length, structure, seed)
 
     init = _build_carry(kind, leaves)
     got_carry, got_ys = fmaml.scan(f, init, xs, checkpoint=policy, consts=consts)
