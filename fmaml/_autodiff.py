@@ -21,6 +21,8 @@ import torch
 from torch._C._functorch import get_interpreter_stack
 from torch.func import grad_and_value
 
+from fmaml._tree import detached
+
 __all__ = ["transforms_active", "grad_and_value_any", "vjp_plain"]
 
 
@@ -111,9 +113,7 @@ def grad_and_value_any(
     filled = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads, strict=True)]
     if not graph:
         value = value.detach() if isinstance(value, torch.Tensor) else value
-        aux = optree.tree_map(
-            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux, none_is_leaf=False
-        )
+        aux = detached(aux)
     out, start = [], 0
     for (_, spec), group in zip(flats, wrt, strict=True):
         out.append(optree.tree_unflatten(spec, filled[start : start + len(group)]))

@@ -44,7 +44,7 @@ from fmaml._functional import (
 from fmaml._policy import Auto, Policy, StoreAll, _check_bytes, resolve_policy
 from fmaml._rng import cuda_devices, preserve_rng
 from fmaml._scan import _nbytes, _tracked, record_batching, scan
-from fmaml._tree import describe_leaf, flatten, leaf_paths, unflatten
+from fmaml._tree import describe_leaf, detached, flatten, leaf_paths, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, MetaAux, MetricsFn, Params, Tasks
 from fmaml.optim import GradientTransformation
 
@@ -412,8 +412,7 @@ class MAML:
         return value, found
 
     def _metrics(self, out: Any, y: Any) -> dict[str, torch.Tensor]:
-        detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
-        values = self.metrics(optree.tree_map(detach, out), y)
+        values = self.metrics(detached(out), y)
         if not isinstance(values, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in values.items()
         ):
@@ -880,7 +879,7 @@ class MAML:
             # aux carries no gradient: detached here, or the inner losses' graph (step 0's
             # forward pass, under Auto's measured first step) would live as long as the aux
             aux = (losses, history, extras)
-            return losses.sum() / n_tasks, optree.tree_map(_detach, aux, none_is_leaf=False)
+            return losses.sum() / n_tasks, detached(aux)
 
         check = _check_history if self.check_finite else None
         pieces = [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
@@ -1512,7 +1511,3 @@ def reptile_direction(params: Params, adapted: Params) -> Params:
     if missing:
         raise ValueError(f"reptile_direction: `adapted` lacks the parameters {missing}.")
     return {name: p - adapted[name].mean(0) for name, p in params.items()}
-
-
-def _detach(leaf: Any) -> Any:
-    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf

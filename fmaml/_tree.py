@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "describe_leaf",
+    "detached",
     "flatten",
     "leaf_paths",
     "template",
@@ -38,6 +39,11 @@ def flatten(tree: Any) -> tuple[list[Any], Spec]:
 def tree_map(fn: Any, tree: Any) -> Any:
     """``fn`` applied to every leaf of ``tree``."""
     return optree.tree_map(fn, tree, none_is_leaf=False)
+
+
+def detached(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached (other leaves as they are)."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
 def unflatten(spec: Spec, leaves: Sequence[Any]) -> Any:
