@@ -9,7 +9,10 @@ Groups:
 - ``sinusoid``: one meta-step of the sinusoid MLP 1-40-40-1 (25 tasks, 10 support and 10 query
   points, inner lr 0.01), ``k`` = 1 and 5, through ``maml.meta_grad`` (what ``fmaml train``
   calls), ``torch.func.grad(maml.unrolled_loss)`` and ``.backward()``; fmaml's defaults
-  otherwise (``checkpoint="auto"``, ``batching="vmap"``).
+  otherwise (``checkpoint="auto"``, ``batching="vmap"``). Path ``plain`` is no fmaml at all: the
+  meta-gradient written by hand with ``torch.func`` (``grad`` of the mean over ``vmap``ped tasks
+  of the query loss after ``k`` SGD steps), eager and compiled whole with ``torch.compile``:
+  compiled, the floor of any compiled meta-step of this workload.
 - ``conv4``: workload B of the suite (conv4-64, 16 tasks of 5-way 1-shot with 75 queries,
   ``k`` = 5, lr 0.4; ``benchmarks/_workloads.py``), ``meta_grad`` and ``.backward()``, with
   ``compile`` off, on and ``"auto"``.
@@ -108,15 +111,46 @@ def _meta_step(maml: Any, params: Any, tasks: Any, k: int, path: str) -> Callabl
     return backward
 
 
+def _plain(model: Any, loss_fn: Any, tasks: Any, k: int, lr: float) -> Callable[[Any], Any]:
+    """The meta-gradient written by hand with ``torch.func``, no fmaml: ``grad`` of the mean
+    over ``vmap``ped tasks of the query loss after ``k`` plain SGD steps (the issue's
+    reference; compiled whole, the floor of any compiled meta-step of this workload)."""
+    from torch.func import functional_call, grad, vmap
+
+    (xs, ys), (xq, yq) = tasks.support, tasks.query
+
+    def task_loss(p: Any, xs: Any, ys: Any, xq: Any, yq: Any) -> Any:
+        for _ in range(k):
+            g = grad(lambda q: loss_fn(functional_call(model, q, (xs,)), ys))(p)
+            p = {n: p[n] - lr * g[n] for n in p}
+        return loss_fn(functional_call(model, p, (xq,)), yq)
+
+    def meta(p: Any) -> Any:
+        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean()
+
+    return grad(meta)
+
+
 def setup(config: dict[str, Any]) -> Callable[[], Any]:
+    import torch
+
     import fmaml
 
     build = _sinusoid if config["group"] == "sinusoid" else _conv4
     model, loss_fn, tasks, lr = build(config)
     params = fmaml.params(model)
     compile = {"off": False, "on": True, "auto": "auto"}[config["compile"]]
-    maml = fmaml.MAML(model, loss_fn, inner_lr=lr, compile=compile)
-    run = _meta_step(maml, params, tasks, config["k"], config["path"])
+    if config["path"] == "plain":
+        plain = _plain(model, loss_fn, tasks, config["k"], lr)
+        plain = torch.compile(plain) if compile else plain
+        maml = fmaml.MAML(model, loss_fn, inner_lr=lr)  # the reference of rel. error
+
+        def run() -> Any:
+            return plain(params)
+
+    else:
+        maml = fmaml.MAML(model, loss_fn, inner_lr=lr, compile=compile)
+        run = _meta_step(maml, params, tasks, config["k"], config["path"])
     first = time.perf_counter()
     run()
     out = run()
@@ -126,9 +160,10 @@ def setup(config: dict[str, Any]) -> Callable[[], Any]:
     steady = time.perf_counter() - steady
     config["_compile_seconds"] = max(first - 2 * steady, 0.0)
     config["_relerr"] = None
-    if compile:
+    if compile or config["path"] == "plain":
         eager = fmaml.MAML(model, loss_fn, inner_lr=lr)
-        want = _meta_step(eager, params, tasks, config["k"], config["path"])()
+        path = "meta_grad" if config["path"] == "plain" else config["path"]
+        want = _meta_step(eager, params, tasks, config["k"], path)()
         scale = max(float(g.abs().max()) for g in want.values())
         diff = max(float((out[n] - want[n]).abs().max()) for n in want)
         config["_relerr"] = diff / scale
@@ -158,7 +193,7 @@ def _step_rows(group: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         grid = [
             (k, path, c)
             for k in (1, 5)
-            for path in ("meta_grad", "grad", "backward")
+            for path in ("meta_grad", "grad", "backward", "plain")
             for c in ("off", "on")
         ]
         repeats = args.repeats
@@ -331,6 +366,17 @@ def render(rows: list[dict[str, Any]], where: str) -> str:
             if base is not None and sec and _num(base.get("seconds")):
                 speed = f"{_num(base['seconds']) / sec:.2f}x"
             err = _num(r.get("relerr"))
+            note = r.get("note", "")
+            fmaml_eager = next(
+                (
+                    _num(b.get("seconds"))
+                    for b in part
+                    if (b["k"], b["path"], b.get("compile")) == (r["k"], "meta_grad", "off")
+                ),
+                None,
+            )
+            if r["path"] == "plain" and r["compile"] == "on" and sec and fmaml_eager:
+                note += f"; fmaml eager meta_grad / this: {fmaml_eager / sec:.2f}x (the ceiling)"
             lines.append(
                 f"| {r['k']} | {r['path']} | {r['compile']} | "
                 + (f"{sec * scale:.2f} {unit}" if sec is not None else "-")
@@ -340,7 +386,7 @@ def render(rows: list[dict[str, Any]], where: str) -> str:
                 + (f"{comp:.0f} s" if comp is not None and r["compile"] != "off" else "-")
                 + " | "
                 + (f"{err:.1e}" if err is not None else "-")
-                + f" | {r.get('note', '')} |"
+                + f" | {note} |"
             )
         lines.append("")
     return "\n".join(lines)

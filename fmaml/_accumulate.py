@@ -39,7 +39,7 @@ from fmaml._rng import RngState, cuda_devices, preserve_rng
 from fmaml._scan import _guard, _needs_graph, _tracked
 from fmaml._tree import Spec, flatten, unflatten
 
-__all__ = ["accumulate", "eager_gradient_applies"]
+__all__ = ["accumulate", "accumulate_with_grad", "eager_gradient_applies"]
 
 Leaves = list[Any]
 #: ``piece(*args) -> (scalar, aux)``: one term of the sum and a pytree of tensors (leading
@@ -87,6 +87,38 @@ def accumulate(
     out = _Accumulated.apply(static, *leaves)
     value, aux_leaves = out[0], list(out[1 : 1 + static.n_aux])
     return value, unflatten(static.aux_spec, aux_leaves)
+
+
+def accumulate_with_grad(
+    pieces: Sequence[Piece],
+    args: tuple[Any, ...],
+    want: Sequence[bool],
+    *,
+    compile: Compile | None = None,
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    """``(Σ_j value_j, concatenated aux, gradient)``: what :func:`accumulate` computes in its
+    forward pass, handed back directly instead of through an autograd Function.
+
+    For :meth:`fmaml.MAML.meta_grad` outside ``torch.func`` transforms, whose result carries no
+    graph: the gradient of the sum with respect to the leaves of ``args`` where ``want`` is
+    True (in leaf order; zeros for a leaf the sum does not use), with no autograd graph around
+    the call, no ``autograd.grad`` and no backward pass (the same numbers as
+    ``torch.autograd.grad`` of :func:`accumulate`'s value, whose backward returns these
+    gradients times the cotangent 1). Plain tensors only: no transform may be active.
+    """
+    if transforms_active():
+        raise RuntimeError("accumulate_with_grad: a torch.func transform is active.")
+    leaves, spec = flatten(args)
+    static = _Static(list(pieces), spec, list(want), compile=compile)
+    static.wanted = [j for j, w in enumerate(static.want) if w]
+    static.devices = cuda_devices(leaves)
+    if compile is not None:
+        total, grads, auxes = _accumulate_compiled(static, leaves)
+    else:
+        total, grads, auxes = _accumulate_plain(static, leaves)
+    aux_leaves, aux_spec = _concat(auxes)
+    aux = unflatten(aux_spec, [t.detach() for t in aux_leaves])
+    return total.detach(), aux, [g.detach() for g in grads]
 
 
 def _direct(pieces: Sequence[Piece], args: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fmaml import optim
-from fmaml._accumulate import accumulate
+from fmaml._accumulate import accumulate, accumulate_with_grad
 from fmaml._autodiff import grad_and_value_any, transforms_active
 from fmaml._batching import Batching, TaskFootprint, choose, default_budget
 from fmaml._compile import Compile, resolve_compile
@@ -234,6 +234,7 @@ class MAML:
         self.task_chunk = task_chunk
         self.memory_budget = memory_budget
         self._footprints: dict[tuple, TaskFootprint] = {}
+        self._param_shapes: dict[str, torch.Size] | None = None
         self.randomness = randomness
         self.check_finite = bool(check_finite)
         self.compile = resolve_compile(compile, "MAML")
@@ -359,11 +360,14 @@ class MAML:
         return optree.tree_map(lambda *ts: torch.cat(ts), *parts)
 
     def _shapes(self) -> dict[str, torch.Size]:
-        """The shapes of the model's parameters and (carry mode) running statistics."""
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
-        if self.bn_stats == "carry":
-            shapes.update({n: t.shape for n, t in running_stats(self.model).items()})
-        return shapes
+        """The shapes of the model's parameters and (carry mode) running statistics, read once
+        (as their names are, in ``__init__``)."""
+        if self._param_shapes is None:
+            shapes = {n: p.shape for n, p in self.model.named_parameters()}
+            if self.bn_stats == "carry":
+                shapes.update({n: t.shape for n, t in running_stats(self.model).items()})
+            self._param_shapes = shapes
+        return self._param_shapes
 
     def _run(self, params: Params, x: Any, *, query: bool) -> tuple[Any, Any]:
         """``model(x)`` at ``params`` under the buffer convention: ``(outputs, collector)``.
@@ -842,6 +846,10 @@ class MAML:
         if not transforms_active():  # no graph of the meta-gradient (see above)
             params = {name: p.detach() for name, p in params.items()}
             hyper = optree.tree_map(torch.Tensor.detach, hyper, none_is_leaf=False)
+            direct = self._direct_meta_grad(params, tasks, k, hyper, per_step, n_tasks, where)
+            if direct is not None:
+                grads, loss, aux = direct
+                return ((loss, aux), grads) if has_aux else (loss, grads)
         # closures=False: the result is the gradient with respect to `params` (and `hyper`)
         # alone, so a tensor the loss closes over is a constant here, as under grad_and_value,
         # and the probe for closures (a forward pass of its own each call) has nothing to guard
@@ -852,6 +860,71 @@ class MAML:
             context=tasks,
         )
         return ((loss, aux), grads) if has_aux else (loss, grads)
+
+    def _direct_meta_grad(
+        self,
+        params: Params,
+        tasks: Tasks,
+        k: int,
+        hyper: Any,
+        per_step: bool,
+        n_tasks: int,
+        where: str,
+    ) -> tuple[Any, torch.Tensor, MetaAux] | None:
+        """``(meta-gradient, meta-loss, aux)`` straight from the pieces' gradients
+        (:func:`fmaml._accumulate.accumulate_with_grad`), for :meth:`meta_grad` outside
+        ``torch.func`` transforms: the numbers ``grad_and_value`` of :meth:`_accumulated` gives,
+        without an autograd Function and a backward pass around them. None where that route is
+        needed: a hyperparameter that is not a floating-point tensor, or ``tasks`` that
+        autograd records (``tasks`` requiring grad)."""
+        h_leaves, h_spec = flatten(hyper)
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in h_leaves):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in _task_leaves(tasks)):
+            return None
+        _, pieces = self._pieces(params, tasks, k, hyper, per_step, n_tasks)
+        p_leaves, p_spec = flatten(params)
+        n_params = len(p_leaves)
+        want = [True] * (n_params + len(h_leaves)) + [False] * len(flatten(tasks)[0])
+        with torch.enable_grad():  # as grad_and_value (the pieces differentiate)
+            loss, (query_losses, history, extras), grads = accumulate_with_grad(
+                pieces, (params, hyper, tasks), want, compile=self.compile
+            )
+        out = self._finish(loss, query_losses, history, extras, where)
+        p_grads = unflatten(p_spec, grads[:n_params])
+        if hyper is None:
+            return p_grads, *out
+        return (p_grads, unflatten(h_spec, grads[n_params:])), *out
+
+    def _pieces(
+        self, params: Params, tasks: Tasks, k: int, hyper: Any, per_step: bool, n_tasks: int
+    ) -> tuple[Batching, list[_Chunk]]:
+        """How the tasks run, and the meta-loss's terms: one :class:`_Chunk` per chunk."""
+        run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+
+        def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
+            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
+            # aux carries no gradient: detached here, or the inner losses' graph (step 0's
+            # forward pass, under Auto's measured first step) would live as long as the aux
+            aux = (losses, history, extras)
+            return losses.sum() / n_tasks, detached(aux)
+
+        check = _check_history if self.check_finite else None
+        return run, [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
+
+    def _finish(
+        self,
+        loss: torch.Tensor,
+        query_losses: torch.Tensor,
+        history: torch.Tensor,
+        extras: dict[str, Any],
+        where: str,
+    ) -> tuple[torch.Tensor, MetaAux]:
+        """After the pieces: the finiteness check, BN tracking and the :class:`MetaAux`."""
+        if self.check_finite:
+            _raise_if_query_not_finite(loss)
+        self._track(extras, where)
+        return loss, _meta_aux(query_losses, history, extras)
 
     def _accumulated(
         self,
@@ -872,17 +945,7 @@ class MAML:
         ``closures``: probe for a closure over a differentiated tensor first
         (:meth:`_check_no_closure`); :meth:`meta_grad`, whose result holds no such gradient,
         skips it."""
-        run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
-
-        def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
-            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
-            # aux carries no gradient: detached here, or the inner losses' graph (step 0's
-            # forward pass, under Auto's measured first step) would live as long as the aux
-            aux = (losses, history, extras)
-            return losses.sum() / n_tasks, detached(aux)
-
-        check = _check_history if self.check_finite else None
-        pieces = [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
+        _, pieces = self._pieces(params, tasks, k, hyper, per_step, n_tasks)
         loss, (query_losses, history, extras) = accumulate(
             pieces,
             (params, hyper, tasks),
@@ -891,10 +954,7 @@ class MAML:
             else None,
             compile=self.compile,
         )
-        if self.check_finite:
-            _raise_if_query_not_finite(loss)
-        self._track(extras, where)
-        return loss, _meta_aux(query_losses, history, extras)
+        return self._finish(loss, query_losses, history, extras, where)
 
     def _check_no_closure(self, params: Params, tasks: Tasks, hyper: Any, per_step: bool) -> None:
         """Raise if the inner step reads a tensor that is being differentiated (by autograd or a
@@ -995,14 +1055,23 @@ class MAML:
     ) -> TaskFootprint:
         """One task's step and query graphs, measured once per shape on plain samples (no step
         without ``support``, no query pass without ``query``)."""
-        support0 = None if support is None else _slice_tree(support, 0, None, index=True)
-        if per_step:
-            support0 = _slice_tree(support0, 0, None, index=True)
-        query0 = None if query is None else _slice_tree(query, 0, None, index=True)
-        key = (inputs_only, *_shape_key((params, support0, query0, hyper)))
-        if key not in self._footprints:
-            self._footprints[key] = self._measure(params, support0, query0, hyper, inputs_only)
-        return self._footprints[key]
+        # one task's shapes: the batches' leaves without the task (and step) dimension
+        drop = 2 if per_step else 1
+        key = (
+            inputs_only,
+            _shape_key((params, hyper)),
+            _shape_key(support, drop),
+            _shape_key(query, 1),
+        )
+        found = self._footprints.get(key)
+        if found is None:
+            support0 = None if support is None else _slice_tree(support, 0, None, index=True)
+            if per_step:
+                support0 = _slice_tree(support0, 0, None, index=True)
+            query0 = None if query is None else _slice_tree(query, 0, None, index=True)
+            found = self._measure(params, support0, query0, hyper, inputs_only)
+            self._footprints[key] = found
+        return found
 
     def _measure(
         self,
@@ -1372,6 +1441,10 @@ def _check_per_step(
             )
 
 
+def _task_leaves(tasks: Tasks) -> list[Any]:
+    return [t for t in flatten(tasks)[0] if isinstance(t, torch.Tensor)]
+
+
 def _slice_tree(tree: Batch, start: int, stop: int | None, index: bool = False) -> Batch:
     leaves, spec = flatten(tree)
     return unflatten(spec, [leaf[start] if index else leaf[start:stop] for leaf in leaves])
@@ -1447,10 +1520,11 @@ def _raise_if_not_finite(history: torch.Tensor, offset: int | None) -> None:
         )
 
 
-def _shape_key(tree: Any) -> tuple:
-    """What a measurement depends on: the structure, shapes, dtypes and devices of ``tree``."""
+def _shape_key(tree: Any, drop: int = 0) -> tuple:
+    """What a measurement depends on: the structure, shapes (without the first ``drop``
+    dimensions), dtypes and devices of ``tree``."""
     leaves, spec = flatten(tree)
-    return (spec, *((tuple(t.shape), t.dtype, t.device) for t in leaves))
+    return (spec, *((tuple(t.shape[drop:]), t.dtype, t.device) for t in leaves))
 
 
 def _sample_tracked(t: Any) -> Any:

@@ -110,6 +110,31 @@ def test_meta_grad_matches_naive(route, name, k, batching, policy):
     _unchanged(before, (params, tasks))
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_meta_grad_is_grad_and_value_bitwise(batching, learned):
+    """meta_grad hands back the gradients its pieces take (no autograd Function, no backward
+    pass around them): the very numbers of grad_and_value(unrolled_loss), learned rates
+    included; tasks that require grad take grad_and_value's route (same to round-off)."""
+    model, loss_fn, params, tasks, _ = _case("mlp", 3)
+    rates = {"inner_opt": fmaml.optim.per_layer_lr()} if learned else {"inner_lr": LR}
+    maml = fmaml.MAML(model, loss_fn, **rates, **BATCHINGS[batching])
+    hyper = (
+        {"lr": {n: torch.tensor(0.1 + 0.05 * i, dtype=torch.float64) for i, n in enumerate(params)}}
+        if learned
+        else None
+    )
+    argnums = (0, 3) if learned else 0  # unrolled_loss(params, tasks, k, hyper)
+    want_grads, want_loss = grad_and_value(maml.unrolled_loss, argnums)(params, tasks, 3, hyper)
+    loss, grads = maml.meta_grad(params, tasks, 3, hyper)
+    assert_trees_close(grads, want_grads, rtol=0.0, atol=0.0)
+    assert torch.equal(loss, want_loss)
+    tracked = optree.tree_map(lambda t: t.clone().requires_grad_(), tasks)
+    loss, grads = maml.meta_grad(params, tracked, 3, hyper)  # (recomputed with a graph)
+    assert_trees_close(grads, want_grads, **TOL)
+    torch.testing.assert_close(loss.detach(), want_loss, **TOL)
+
+
 @pytest.mark.parametrize("policy", ["binomial", fmaml.Binomial(2), "sqrt"], ids=policy_id)
 def test_meta_grad_long_unroll(policy):
     """k=50: the binomial schedule recomputes steps in a deep, irregular order."""
