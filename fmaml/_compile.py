@@ -169,6 +169,11 @@ class Compile:
         }
 
     def key(self) -> Hashable:
+        """What the compile cache keys on (computed once: a frozen object)."""
+        return self._key
+
+    @functools.cached_property
+    def _key(self) -> Hashable:
         options = tuple(sorted((k, repr(v)) for k, v in (self.options or {}).items()))
         return (
             self.when,

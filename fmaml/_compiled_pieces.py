@@ -328,16 +328,17 @@ def value_and_grad(
     except TypeError:  # a pytree node type the traced twins do not rebuild
         return eager()
     wanted = tuple(wanted)
+    code = _code(piece)
     return run(
         spec,
-        ("accumulate", _code(piece), args_spec, wanted),
+        ("accumulate", code, args_spec, wanted),
         functools.partial(_flat_value_and_grad, piece, t_args, wanted),
         list(leaves),
         eager,
         what="a chunk of tasks (loss and gradient)",
         gate=_keeps_all_graphs,
         keep_graphs=True,
-        family=("accumulate", _code(piece)[0]),
+        family=("accumulate", code[0]),
     )
 
 
