@@ -116,6 +116,21 @@ def measure(
     return json.loads(lines[-1][len(_MARK) :])
 
 
+def serve_child(
+    spec: str | None,
+    setup: Callable[[dict[str, Any]], Callable[[], Any]],
+    report: Callable[[dict[str, Any]], Callable[[Any], dict[str, Any]] | None] | None = None,
+) -> bool:
+    """A benchmark script's child side: with ``spec`` (its ``--child`` JSON, which
+    :func:`measure` passes), measure that configuration (:func:`child`; ``report(config)`` gives
+    the extra fields) and return True; without, return False (this is the parent)."""
+    if spec is None:
+        return False
+    config = json.loads(spec)
+    child(config, setup, None if report is None else report(config))
+    return True
+
+
 def child(
     config: dict[str, Any],
     setup: Callable[[dict[str, Any]], Callable[[], Any]],

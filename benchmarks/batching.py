@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 from torch.func import grad
 
 import fmaml
-from benchmarks._memory import ROOT, child, machine, measure
+from benchmarks._memory import ROOT, machine, measure, serve_child
 from benchmarks._workloads import conv4
 
 DOC = ROOT / "docs" / "benchmarks" / "batching.md"
@@ -112,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.child:
-        config = json.loads(args.child)
-        child(config, setup, report(config))
+    if serve_child(args.child, setup, report):
         return 0
     shapes = QUICK if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats

@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._memory import ROOT, MeasureError, child, machine, measure
+from benchmarks._memory import ROOT, MeasureError, machine, measure, serve_child
 
 OUT = ROOT / "docs" / "benchmarks"
 CSV = OUT / "compile.csv"
@@ -408,9 +408,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child is not None:
-        config = json.loads(args.child)
-        child(config, setup, report(config))
+    if serve_child(args.child, setup, report):
         return 0
     rows = _read()
     where = machine()

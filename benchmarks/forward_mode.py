@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import optree
 import torch
 
 import fmaml
-from benchmarks._memory import ROOT, child, machine, measure
+from benchmarks._memory import ROOT, machine, measure, serve_child
 
 DOC = ROOT / "docs" / "benchmarks" / "forward_mode.md"
 MODES = ("jacfwd", "grad", "backward", "grad store_all")
@@ -327,9 +326,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child is not None:
-        config = json.loads(args.child)
-        child(config, setup, report(config))
+    if serve_child(args.child, setup, report):
         return 0
     print(
         f"forward_mode: MLP 1-{args.hidden}-{args.hidden}-1, {args.rates}, k in {args.ks}; one "

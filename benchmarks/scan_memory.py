@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 from torch.func import grad
 
 import fmaml
-from benchmarks._memory import ROOT, child, machine, measure
+from benchmarks._memory import ROOT, machine, measure, serve_child
 
 POLICIES = ("store_all", "sqrt", "binomial", "auto")
 DOC = ROOT / "docs" / "benchmarks" / "scan_memory.md"
@@ -259,9 +258,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child is not None:
-        config = json.loads(args.child)
-        child(config, setup, report(config))
+    if serve_child(args.child, setup, report):
         return 0
     print(
         f"scan_memory: MLP 1-{args.hidden}-{args.hidden}-1, {args.steps} inner steps, "

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks._memory import ROOT, MeasureError, child, machine, measure
+from benchmarks._memory import ROOT, MeasureError, machine, measure, serve_child
 
 MIB = 2**20
 GIB = 2**30
@@ -1141,9 +1141,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child is not None:
-        config = json.loads(args.child)
-        child(config, setup, report(config))
+    if serve_child(args.child, setup, report):
         return 0
     csv_path = args.out / "results.csv"
     grid = QUICK if args.quick else FULL
