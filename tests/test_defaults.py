@@ -24,6 +24,7 @@ from _models import (
     xent,
 )
 from conftest import assert_trees_close
+from test_scan_memory import _Probe, _Token  # a graph's lifetime, counted
 from torch import nn
 from torch.func import grad, vmap
 
@@ -210,33 +211,6 @@ def test_every_choice_gives_the_naive_meta_gradient(choice, route, case):
 
 # --------------------------------------------------------------------------------------------
 # the eager meta-gradient
-
-
-class _Token:
-    live = peak = 0
-
-    def __init__(self) -> None:
-        _Token.live += 1
-        _Token.peak = max(_Token.peak, _Token.live)
-
-    def __del__(self) -> None:
-        _Token.live -= 1
-
-
-class _Probe(torch.autograd.Function):
-    """Identity whose context holds a token: alive as long as the graph that recorded it."""
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.token = _Token()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 class _Probed(nn.Module):

@@ -30,6 +30,7 @@ from test_scan_transforms import (
     _POLICY,
     _carry_structure,
     _inputs,
+    _int_step,
     _loss_fn,
     _property_problem,
     _scan_fn,
@@ -181,12 +182,6 @@ def test_reverse_over_forward(policy, gen):
 
 # --------------------------------------------------------------------------------------------
 # special carries and steps
-
-
-def _int_step(c, x, k):
-    w, n = c["w"], c["n"]
-    w2 = torch.sin(w * k) + x * n.to(w.dtype) / 10
-    return {"w": w2, "n": n + 1}, {"w": w2, "n": n * 2}
 
 
 @all_policies
