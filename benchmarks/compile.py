@@ -143,7 +143,6 @@ def setup(config: dict[str, Any]) -> Callable[[], Any]:
     if config["path"] == "plain":
         plain = _plain(model, loss_fn, tasks, config["k"], lr)
         plain = torch.compile(plain) if compile else plain
-        maml = fmaml.MAML(model, loss_fn, inner_lr=lr)  # the reference of rel. error
 
         def run() -> Any:
             return plain(params)

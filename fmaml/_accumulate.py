@@ -110,15 +110,26 @@ def accumulate_with_grad(
         raise RuntimeError("accumulate_with_grad: a torch.func transform is active.")
     leaves, spec = flatten(args)
     static = _Static(list(pieces), spec, list(want), compile=compile)
+    total, aux_leaves, grads = _take(static, leaves)
+    return total.detach(), unflatten(static.aux_spec, aux_leaves), [g.detach() for g in grads]
+
+
+def _take(
+    static: _Static, leaves: Sequence[Any]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The work of the forward pass: ``(Σ values, aux leaves concatenated and detached, the
+    gradient of the sum at ``static.want``)``, piece by piece; sets ``static.wanted``,
+    ``aux_spec`` and ``n_aux``."""
     static.wanted = [j for j, w in enumerate(static.want) if w]
-    static.devices = cuda_devices(leaves)
-    if compile is not None:
+    if static.compile is not None:
         total, grads, auxes = _accumulate_compiled(static, leaves)
+    elif transforms_active():  # under vmap (the Function's generated rule)
+        total, grads, auxes = _accumulate_func(static, leaves)
     else:
         total, grads, auxes = _accumulate_plain(static, leaves)
-    aux_leaves, aux_spec = _concat(auxes)
-    aux = unflatten(aux_spec, [t.detach() for t in aux_leaves])
-    return total.detach(), aux, [g.detach() for g in grads]
+    aux_leaves, static.aux_spec = _concat(auxes)
+    static.n_aux = len(aux_leaves)
+    return total, [t.detach() for t in aux_leaves], grads
 
 
 def _direct(pieces: Sequence[Piece], args: tuple[Any, ...]) -> tuple[torch.Tensor, Any]:
@@ -168,18 +179,9 @@ class _Accumulated(torch.autograd.Function):
 
     @staticmethod
     def forward(static: _Static, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        static.wanted = [j for j, w in enumerate(static.want) if w]
-        static.devices = cuda_devices(leaves)
+        static.devices = cuda_devices(leaves)  # for the backward's recomputation (_exact)
         static.rng = RngState.capture(static.devices)
-        if static.compile is not None:
-            total, grads, auxes = _accumulate_compiled(static, leaves)
-        elif transforms_active():  # under vmap (the Function's generated rule)
-            total, grads, auxes = _accumulate_func(static, leaves)
-        else:
-            total, grads, auxes = _accumulate_plain(static, leaves)
-        aux_leaves, static.aux_spec = _concat(auxes)
-        aux_leaves = [t.detach() for t in aux_leaves]
-        static.n_aux = len(aux_leaves)
+        total, aux_leaves, grads = _take(static, leaves)
         return (total, *aux_leaves, *grads)
 
     @staticmethod

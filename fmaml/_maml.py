@@ -26,7 +26,7 @@ from torch.func import functional_call, vmap
 
 from fmaml import optim
 from fmaml._accumulate import accumulate, accumulate_with_grad
-from fmaml._autodiff import grad_and_value_any, transforms_active
+from fmaml._autodiff import _is_floating, _records, grad_and_value_any, transforms_active
 from fmaml._batching import Batching, TaskFootprint, choose, default_budget
 from fmaml._compile import Compile, resolve_compile
 from fmaml._footprint import SavedBytes, plain_autograd, sample
@@ -878,9 +878,7 @@ class MAML:
         needed: a hyperparameter that is not a floating-point tensor, or ``tasks`` that
         autograd records (``tasks`` requiring grad)."""
         h_leaves, h_spec = flatten(hyper)
-        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in h_leaves):
-            return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in _task_leaves(tasks)):
+        if not all(_is_floating(t) for t in h_leaves) or _records(tasks):
             return None
         _, pieces = self._pieces(params, tasks, k, hyper, per_step, n_tasks)
         p_leaves, p_spec = flatten(params)
@@ -1439,10 +1437,6 @@ def _check_per_step(
                 f"MAML.{where}: with per_step=True, {path} needs {k} per-step batches in "
                 f"dimension {dim}, got shape {tuple(leaf.shape)}."
             )
-
-
-def _task_leaves(tasks: Tasks) -> list[Any]:
-    return [t for t in flatten(tasks)[0] if isinstance(t, torch.Tensor)]
 
 
 def _slice_tree(tree: Batch, start: int, stop: int | None, index: bool = False) -> Batch:
