@@ -1,16 +1,20 @@
 """fmaml's task loop against a hand-written ``torch.autograd`` loop (issue 12, item 5).
 
-    bash scripts/dev python -m benchmarks.loop_overhead            # k = 5, 15 rounds
-    bash scripts/dev python -m benchmarks.loop_overhead --k 1 --rounds 30
+    bash scripts/dev python -m benchmarks.loop_overhead            # k = 5, 31 rounds
+    bash scripts/dev python -m benchmarks.loop_overhead --k 1 --rounds 61
 
 The sinusoid MLP 1-40-40-1, 16 tasks of 10 support and 10 query points, inner SGD lr 0.01. The
 hand-written loop is what a user writes without a library: per task, ``k`` steps of
 ``torch.autograd.grad(..., create_graph=True)`` and ``p - lr * g`` through
 ``torch.func.functional_call``, then the query loss's ``.backward()``. fmaml runs
 ``MAML(batching="loop")`` through ``torch.func.grad(maml.unrolled_loss)``, ``.backward()`` and
-``maml.meta_grad``. Every round calls each in turn in one process (so a loaded moment of the
-shared machine touches all of them), and the median CPU time per call is reported with its
-ratio to the hand-written loop.
+``maml.meta_grad``.
+
+The shared machine's speed drifts by 1.5x within minutes, more than the differences measured, so
+each round times the hand-written loop, fmaml's three routes (in an order that rotates from round
+to round) and the hand-written loop again, all in one process; a route's ratio in that round is
+its CPU time over the mean of the two hand-written calls around it. Reported: each route's
+median CPU time per call, and the median of its per-round ratios with their quartiles.
 """
 
 from __future__ import annotations
@@ -69,24 +73,40 @@ def routes(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loop_overhead", description=__doc__)
     parser.add_argument("--k", type=int, default=5, help="inner steps")
-    parser.add_argument("--rounds", type=int, default=15, help="calls of each, interleaved")
+    parser.add_argument("--rounds", type=int, default=31, help="rounds of calls, interleaved")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     fns, _ = routes(args.k)
     for fn in fns.values():  # warm-up
         fn()
+    hand, names = fns["hand-written"], [name for name in fns if name != "hand-written"]
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    base = med["hand-written"]
-    print(f"sinusoid MLP, 16 tasks, k = {args.k}, batching='loop', median CPU of {args.rounds}:")
-    for name, value in med.items():
-        print(f"  {name:13s} {value * 1e3:7.1f} ms  {value / base:5.2f}x")
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        before = _cpu(hand)
+        order = names[r % len(names) :] + names[: r % len(names)]
+        took = {name: _cpu(fns[name]) for name in order}
+        after = _cpu(hand)
+        times["hand-written"] += [before, after]
+        for name in names:
+            times[name].append(took[name])
+            ratios[name].append(took[name] / ((before + after) / 2))
+    print(
+        f"sinusoid MLP, 16 tasks, k = {args.k}, batching='loop', {args.rounds} rounds: median CPU "
+        "per call; median of the per-round ratios to the hand-written loop [quartiles]"
+    )
+    print(f"  {'hand-written':13s} {statistics.median(times['hand-written']) * 1e3:7.1f} ms")
+    for name in names:
+        q1, q2, q3 = statistics.quantiles(ratios[name], n=4)
+        median = statistics.median(times[name]) * 1e3
+        print(f"  {name:13s} {median:7.1f} ms  {q2:5.2f}x  [{q1:.2f}, {q3:.2f}]")
     return 0
+
+
+def _cpu(fn: Callable[[], object]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 if __name__ == "__main__":

@@ -87,10 +87,13 @@ def grad_and_value_any(
     nums = (argnums,) if isinstance(argnums, int) else argnums
     if transforms_active():  # (compiling: torch.autograd.grad would break dynamo's graph)
         return grad_and_value(fn, argnums=argnums, has_aux=True)(*args)
-    flats = [optree.tree_flatten(args[n], none_is_leaf=False) for n in nums]
+    flats = [_flatten(args[n]) for n in nums]
     if not all(_is_floating(t) for leaves, _ in flats for t in leaves):
         return grad_and_value(fn, argnums=argnums, has_aux=True)(*args)
-    graph = _records((args, context))
+    graph = torch.is_grad_enabled() and (
+        any(t.requires_grad for leaves, _ in flats for t in leaves)
+        or _records(([a for n, a in enumerate(args) if n not in nums], context))
+    )
     with torch.enable_grad():
         inputs = list(args)
         wrt = []
@@ -98,7 +101,7 @@ def grad_and_value_any(
             fresh = [
                 t if graph and t.requires_grad else t.detach().requires_grad_() for t in leaves
             ]
-            inputs[n] = optree.tree_unflatten(spec, fresh)
+            inputs[n] = _unflatten(spec, fresh)
             wrt.append(fresh)
         value, aux = fn(*inputs)
         flat = [t for group in wrt for t in group]
@@ -116,9 +119,28 @@ def grad_and_value_any(
         aux = detached(aux)
     out, start = [], 0
     for (_, spec), group in zip(flats, wrt, strict=True):
-        out.append(optree.tree_unflatten(spec, filled[start : start + len(group)]))
+        out.append(_unflatten(spec, filled[start : start + len(group)]))
         start += len(group)
     return (out[0] if isinstance(argnums, int) else tuple(out)), (value, aux)
+
+
+class _Keys(tuple):
+    """A flat ``{name: tensor}`` dict's structure (its keys, in order), for :func:`_flatten`."""
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    """optree's leaves and structure of ``tree``; a flat dict of tensors (the parameters, the
+    common case) without optree's round trip, its values in key order."""
+    if type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values()):
+        return list(tree.values()), _Keys(tree)
+    return optree.tree_flatten(tree, none_is_leaf=False)
+
+
+def _unflatten(spec: Any, leaves: list[Any]) -> Any:
+    """Inverse of :func:`_flatten`."""
+    if type(spec) is _Keys:
+        return dict(zip(spec, leaves, strict=True))
+    return optree.tree_unflatten(spec, leaves)
 
 
 def vjp_plain(

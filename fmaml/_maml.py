@@ -22,7 +22,7 @@ from typing import Any
 import optree
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from fmaml import optim
 from fmaml._accumulate import accumulate, accumulate_with_grad
@@ -41,6 +41,7 @@ from fmaml._functional import (
     running_stats,
     update_running_stats,
 )
+from fmaml._module_call import ModuleCall
 from fmaml._policy import Auto, Policy, StoreAll, _check_bytes, resolve_policy
 from fmaml._rng import cuda_devices, preserve_rng
 from fmaml._scan import _nbytes, _tracked, record_batching, scan
@@ -240,6 +241,7 @@ class MAML:
         self.compile = resolve_compile(compile, "MAML")
         self._names = [name for name, _ in model.named_parameters()]
         self._buffers = BufferReader(model)
+        self._call = ModuleCall(model)
         self.adapt_only = _resolve_subset(adapt_only, self._names)
 
     def __repr__(self) -> str:
@@ -392,7 +394,7 @@ class MAML:
             context = contextlib.nullcontext()
         merged = {**weights, **buffers, **stats} if buffers or stats else weights
         with context as collector:
-            out = functional_call(self.model, merged, (x,))
+            out = self._call(merged, (x,))
         return out, collector
 
     def _query(

@@ -286,12 +286,24 @@ class _Call:
 
     def step(self, index: int, carry: Leaves, xs_t: Leaves, consts: Leaves) -> tuple[Leaves, Any]:
         """One step on leaves; returns the new carry leaves and the raw ``y`` pytree."""
-        carry_tree = unflatten(self.init_spec, carry)
+        consts_tree = self.consts_tree(consts)
+        leaves, y, _ = self.step_tree(index, unflatten(self.init_spec, carry), xs_t, consts_tree)
+        return leaves, y
+
+    def consts_tree(self, consts: Leaves) -> Any:
+        """The ``consts`` pytree ``f`` reads (None when the scan has none)."""
+        return None if self.consts_spec is None else unflatten(self.consts_spec, consts)
+
+    def step_tree(
+        self, index: int, carry_tree: Any, xs_t: Leaves, consts_tree: Any
+    ) -> tuple[Leaves, Any, Any]:
+        """:meth:`step` from the carry and ``consts`` as pytrees: ``(new carry leaves, y, new
+        carry pytree)``; a loop passes the new carry pytree to the next step as it is."""
         x = unflatten(self.xs_spec, xs_t) if self.xs_spec is not None else None
         if self.consts_spec is None:
             out = self.f(carry_tree, x)
         else:
-            out = self.f(carry_tree, x, unflatten(self.consts_spec, consts))
+            out = self.f(carry_tree, x, consts_tree)
         if not isinstance(out, tuple) or len(out) != 2:
             raise TypeError(
                 f"fmaml.scan: `f` must return a pair (carry, y), got {type(out).__name__}"
@@ -305,7 +317,7 @@ class _Call:
                 f"fmaml.scan: `f` returned a carry with structure {spec} at step {index}, but "
                 f"`init` has structure {self.init_spec}. The carry must keep its structure."
             )
-        return leaves, y
+        return leaves, y, new_carry
 
     def check_carry(self, init: Leaves, new: Leaves) -> None:
         for j, (a, b) in enumerate(zip(init, new, strict=True)):
@@ -639,11 +651,15 @@ def _unroll(
 ) -> tuple[Leaves, Any]:
     ys: list[Leaves] = []
     spec = None
+    consts_tree = call.consts_tree(consts)  # the same at every step
+    tree = None  # the carry as the last step returned it
     for i in range(call.length):
         if i == 0 and first is not None:
             new, y = first
         else:
-            new, y = call.step(i, carry, call.x_at(xs, i), consts)
+            if tree is None:
+                tree = unflatten(call.init_spec, carry)
+            new, y, tree = call.step_tree(i, tree, call.x_at(xs, i), consts_tree)
         if i == 0:
             call.check_carry(carry, new)
         leaves, spec = _y_spec(y, i, spec)
