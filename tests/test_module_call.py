@@ -226,3 +226,20 @@ def test_maml_sees_a_replaced_layer():
     p = fmaml.params(model)
     expected = F.mse_loss(functional_call(model, p, (x,)), y)
     assert torch.equal(maml.loss(p, (x, y)), expected)
+
+
+def test_maml_leaves_a_shared_submodule_as_it_was():
+    """``Sequential(lin, act, lin)`` through MAML: the module's parameters are its own after a
+    meta-gradient (torch 2.13's functional_call left a tensor of the inner loop in the slot)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1, 1).to(F64)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    before = _state(model)
+    maml = fmaml.MAML(model, F.mse_loss, inner_lr=0.1)
+    tasks = fmaml.Tasks(
+        support=(torch.randn(2, 4, 1, dtype=F64), torch.randn(2, 4, 1, dtype=F64)),
+        query=(torch.randn(2, 4, 1, dtype=F64), torch.randn(2, 4, 1, dtype=F64)),
+    )
+    torch.func.grad(maml.unrolled_loss)(fmaml.params(model), tasks, 2)
+    assert _same_state(before, model)
+    assert isinstance(lin.weight, nn.Parameter)
