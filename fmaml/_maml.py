@@ -45,7 +45,7 @@ from fmaml._module_call import ModuleCall
 from fmaml._policy import Auto, Policy, StoreAll, _check_bytes, resolve_policy
 from fmaml._rng import cuda_devices, preserve_rng
 from fmaml._scan import _nbytes, _tracked, record_batching, scan
-from fmaml._tree import describe_leaf, detached, flatten, leaf_paths, unflatten
+from fmaml._tree import describe_leaf, detached, flatten, leaf_paths, tree_map, unflatten
 from fmaml._typing import Batch, ForwardFn, LossFn, MetaAux, MetricsFn, Params, Tasks
 from fmaml.optim import GradientTransformation
 
@@ -901,15 +901,27 @@ class MAML:
     ) -> tuple[Batching, list[_Chunk]]:
         """How the tasks run, and the meta-loss's terms: one :class:`_Chunk` per chunk."""
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
+        check = _check_history if self.check_finite else None
+        # aux carries no gradient: detached here, or the inner losses' graph (step 0's forward
+        # pass, under Auto's measured first step) would live as long as the aux
+        if run.mode == "loop":  # a term per task, which sees that task alone (no task dimension)
+            policy = self._chunk_policy(run, 1)  # (one task: the same under any transform)
+
+            def task_loss(p: Params, h: Any, task: Tasks) -> tuple[torch.Tensor, Any]:
+                loss, history, extras = self._task_loss(
+                    p, task.support, task.query, k, per_step, h, policy
+                )
+                aux = tree_map(lambda t: t.detach().unsqueeze(0), (loss, history, extras))
+                return loss / n_tasks, aux
+
+            return run, [_Chunk(task_loss, t, None, check) for t in range(n_tasks)]
 
         def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
-            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
-            # aux carries no gradient: detached here, or the inner losses' graph (step 0's
-            # forward pass, under Auto's measured first step) would live as long as the aux
-            aux = (losses, history, extras)
-            return losses.sum() / n_tasks, detached(aux)
+            # (the policy where the chunk runs: whether it is one plain batch depends on it)
+            policy = self._chunk_policy(run, _n_tasks(chunk.support))
+            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run, policy)
+            return losses.sum() / n_tasks, detached((losses, history, extras))
 
-        check = _check_history if self.check_finite else None
         return run, [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
 
     def _finish(
@@ -1121,11 +1133,18 @@ class MAML:
         return dataclasses.replace(policy, budget_bytes=budget, graph_bytes=graph)
 
     def _task_losses(
-        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
+        self,
+        params: Params,
+        tasks: Tasks,
+        k: int,
+        per_step: bool,
+        hyper: Any,
+        run: Batching,
+        policy: Policy,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Each task's query loss ``(T,)``, inner losses ``(T, k)`` and query-pass extras."""
+        """Each task's query loss ``(T,)``, inner losses ``(T, k)`` and query-pass extras, the
+        inner loops under ``policy`` (:meth:`_chunk_policy` of the chunk)."""
         n = _n_tasks(tasks.support)
-        policy = self._chunk_policy(run, n)
 
         def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
             return self._task_loss(params, support, query, k, per_step, hyper, policy)
@@ -1134,6 +1153,8 @@ class MAML:
             # a chunk of one task needs no vmap (which would turn convolutions with per-task
             # weights into slower grouped convolutions)
             parts = [one(*_slice_tasks(tasks, t, None, index=True)) for t in range(n)]
+            if n == 1:  # (a view: the loop's chunks are single tasks)
+                return optree.tree_map(lambda t: t.unsqueeze(0), parts[0])
             return optree.tree_map(lambda *ts: torch.stack(ts), *parts)
         if self._batched(run):
             adapted, history = self._adapt_batch(
@@ -1356,7 +1377,8 @@ class MAML:
 
 @dataclass(frozen=True)
 class _Chunk:
-    """The term of the meta-loss of the tasks ``start:stop``: ``chunk(params, hyper, tasks)``.
+    """The term of the meta-loss of the tasks ``start:stop``: ``chunk(params, hyper, tasks)``;
+    with ``stop`` None, of task ``start`` alone, without the task dimension.
 
     ``loss(params, hyper, chunk)`` sees the chunk's tasks only, so with ``compile=`` every chunk
     of one shape shares one compiled graph (:meth:`compiled_form`); ``check(aux, start)`` runs
@@ -1365,11 +1387,11 @@ class _Chunk:
 
     loss: Callable[..., tuple[torch.Tensor, Any]]
     start: int
-    stop: int
+    stop: int | None
     check: Callable[[Any, int], None] | None = None
 
     def __call__(self, params: Params, hyper: Any, tasks: Tasks) -> tuple[torch.Tensor, Any]:
-        value, aux = self.loss(params, hyper, _slice_tasks(tasks, self.start, self.stop))
+        value, aux = self.loss(params, hyper, self._tasks(tasks))
         if self.check is not None:
             self.check(aux, self.start)
         return value, aux
@@ -1378,7 +1400,10 @@ class _Chunk:
         """``(loss, its arguments)`` to compile, or None (a check must see every chunk)."""
         if self.check is not None:
             return None
-        return self.loss, (params, hyper, _slice_tasks(tasks, self.start, self.stop))
+        return self.loss, (params, hyper, self._tasks(tasks))
+
+    def _tasks(self, tasks: Tasks) -> Tasks:
+        return _slice_tasks(tasks, self.start, self.stop, index=self.stop is None)
 
 
 def _check_history(aux: Any, start: int) -> None:
