@@ -21,7 +21,7 @@ import torch
 from torch._C._functorch import get_interpreter_stack
 from torch.func import grad_and_value
 
-from fmaml._tree import detached
+from fmaml._tree import detached, flat_dicts
 
 __all__ = ["transforms_active", "grad_and_value_any", "vjp_plain"]
 
@@ -131,7 +131,7 @@ class _Keys(tuple):
 def _flatten(tree: Any) -> tuple[list[Any], Any]:
     """optree's leaves and structure of ``tree``; a flat dict of tensors (the parameters, the
     common case) without optree's round trip, its values in key order."""
-    if type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values()):
+    if flat_dicts(tree):
         return list(tree.values()), _Keys(tree)
     return optree.tree_flatten(tree, none_is_leaf=False)
 

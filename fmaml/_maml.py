@@ -902,27 +902,30 @@ class MAML:
         """How the tasks run, and the meta-loss's terms: one :class:`_Chunk` per chunk."""
         run = self._batching(params, tasks.support, tasks.query, k, per_step, hyper, n_tasks)
         check = _check_history if self.check_finite else None
+        one_policy = self._chunk_policy(run, 1)  # (one task: the same under any transform)
+
         # aux carries no gradient: detached here, or the inner losses' graph (step 0's forward
         # pass, under Auto's measured first step) would live as long as the aux
-        if run.mode == "loop":  # a term per task, which sees that task alone (no task dimension)
-            policy = self._chunk_policy(run, 1)  # (one task: the same under any transform)
-
-            def task_loss(p: Params, h: Any, task: Tasks) -> tuple[torch.Tensor, Any]:
-                loss, history, extras = self._task_loss(
-                    p, task.support, task.query, k, per_step, h, policy
-                )
-                aux = tree_map(lambda t: t.detach().unsqueeze(0), (loss, history, extras))
-                return loss / n_tasks, aux
-
-            return run, [_Chunk(task_loss, t, None, check) for t in range(n_tasks)]
+        def task_loss(p: Params, h: Any, task: Tasks) -> tuple[torch.Tensor, Any]:
+            # a chunk of one task (every chunk of the loop) sees that task alone, without a task
+            # dimension and without vmap (which would turn convolutions with per-task weights
+            # into slower grouped convolutions)
+            loss, history, extras = self._task_loss(
+                p, task.support, task.query, k, per_step, h, one_policy
+            )
+            aux = tree_map(lambda t: t.detach().unsqueeze(0), (loss, history, extras))
+            return loss / n_tasks, aux
 
         def chunk_loss(p: Params, h: Any, chunk: Tasks) -> tuple[torch.Tensor, Any]:
-            # (the policy where the chunk runs: whether it is one plain batch depends on it)
-            policy = self._chunk_policy(run, _n_tasks(chunk.support))
-            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run, policy)
+            losses, history, extras = self._task_losses(p, chunk, k, per_step, h, run)
             return losses.sum() / n_tasks, detached((losses, history, extras))
 
-        return run, [_Chunk(chunk_loss, start, stop, check) for start, stop in run.chunks(n_tasks)]
+        return run, [
+            _Chunk(task_loss, start, None, check)
+            if stop - start == 1
+            else _Chunk(chunk_loss, start, stop, check)
+            for start, stop in run.chunks(n_tasks)
+        ]
 
     def _finish(
         self,
@@ -1133,29 +1136,18 @@ class MAML:
         return dataclasses.replace(policy, budget_bytes=budget, graph_bytes=graph)
 
     def _task_losses(
-        self,
-        params: Params,
-        tasks: Tasks,
-        k: int,
-        per_step: bool,
-        hyper: Any,
-        run: Batching,
-        policy: Policy,
+        self, params: Params, tasks: Tasks, k: int, per_step: bool, hyper: Any, run: Batching
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Each task's query loss ``(T,)``, inner losses ``(T, k)`` and query-pass extras, the
-        inner loops under ``policy`` (:meth:`_chunk_policy` of the chunk)."""
+        """Each task's query loss ``(T,)``, inner losses ``(T, k)`` and query-pass extras, for a
+        chunk of ``T > 1`` tasks batched with ``vmap`` (:meth:`_pieces` runs a chunk of one
+        task, and the loop's, without it)."""
         n = _n_tasks(tasks.support)
+        # (where the chunk runs: whether it is one plain batch depends on it)
+        policy = self._chunk_policy(run, n)
 
         def one(support: Batch, query: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
             return self._task_loss(params, support, query, k, per_step, hyper, policy)
 
-        if run.mode == "loop" or n == 1:
-            # a chunk of one task needs no vmap (which would turn convolutions with per-task
-            # weights into slower grouped convolutions)
-            parts = [one(*_slice_tasks(tasks, t, None, index=True)) for t in range(n)]
-            if n == 1:  # (a view: the loop's chunks are single tasks)
-                return optree.tree_map(lambda t: t.unsqueeze(0), parts[0])
-            return optree.tree_map(lambda *ts: torch.stack(ts), *parts)
         if self._batched(run):
             adapted, history = self._adapt_batch(
                 params, tasks.support, k, per_step, hyper, policy, n

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "describe_leaf",
     "detached",
+    "flat_dicts",
     "flatten",
     "leaf_paths",
     "template",
@@ -44,6 +45,17 @@ def tree_map(fn: Any, tree: Any) -> Any:
 def detached(tree: Any) -> Any:
     """``tree`` with every tensor leaf detached (other leaves as they are)."""
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def flat_dicts(tree: Any, *rest: Any) -> bool:
+    """Whether every argument is a dict with the same keys and ``tree``'s values are tensors
+    (the common case, ``{name: tensor}``: a leaf-by-leaf map, or the leaves themselves, need no
+    optree round trip; pair the values by key)."""
+    return (
+        type(tree) is dict
+        and all(type(r) is dict and r.keys() == tree.keys() for r in rest)
+        and all(isinstance(v, torch.Tensor) for v in tree.values())
+    )
 
 
 def unflatten(spec: Spec, leaves: Sequence[Any]) -> Any:
